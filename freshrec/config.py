@@ -1,0 +1,103 @@
+"""All configuration, in one place, read from ``FRESHREC_*`` environment variables.
+
+The embedded stack (``freshrec up``) and docker-compose read the same variables, so a job
+behaves the same on a laptop and on a cluster.
+
+>>> s = Settings.from_env({"FRESHREC_WINDOW_SECONDS": "600"})
+>>> s.window_seconds, s.events_topic
+(600, 'behavior-events')
+>>> Settings.from_env({"FRESHREC_WINDOW_SECONDS": "ten"})
+Traceback (most recent call last):
+...
+freshrec.config.ConfigError: FRESHREC_WINDOW_SECONDS='ten' is not an integer; set it to a whole number
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the variable and the fix."""
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = field(default="127.0.0.1:9092", metadata=_doc("Kafka bootstrap servers"))
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata=_doc("Redis for the online store"))
+    events_topic: str = field(default="behavior-events", metadata=_doc("validated behavior events"))
+    dlq_topic: str = field(default="behavior-events-dlq", metadata=_doc("refused events with reasons"))
+    partitions: int = field(default=2, metadata=_doc("partitions of the events topic (fixed at creation)"))
+    feast_project: str = field(default="freshrec", metadata=_doc("Feast project; namespaces Redis keys"))
+    state_dir: Path = field(default=Path(".freshrec"), metadata=_doc("runtime files, checkpoints, logs"))
+    window_seconds: int = field(default=3600, metadata=_doc("sliding window of the recent counts"))
+    last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))
+    top_categories: int = field(default=3, metadata=_doc("categories kept in a user's top list"))
+    covisit_gap_seconds: int = field(default=1800, metadata=_doc("views closer than this co-visit"))
+    covisit_window_seconds: int = field(default=86400, metadata=_doc("window of co-visitation counts"))
+    covisit_top_k: int = field(default=20, metadata=_doc("neighbours kept per item"))
+    trending_size: int = field(default=100, metadata=_doc("items kept in the trending list"))
+    out_of_orderness_ms: int = field(default=2000, metadata=_doc("watermark lag behind the newest event"))
+    allowed_lateness_ms: int = field(default=600_000, metadata=_doc("events later than this go to the DLQ"))
+    idle_timeout_ms: int = field(default=2000, metadata=_doc("a silent partition stops holding watermarks"))
+    checkpoint_interval_ms: int = field(default=5000, metadata=_doc("Flink checkpoint interval"))
+    state_backend: str = field(default="hashmap", metadata=_doc("Flink state backend: hashmap or rocksdb"))
+    parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
+    sink_flush_ms: int = field(default=50, metadata=_doc("longest a feature row waits before Redis"))
+    sink_batch_rows: int = field(default=500, metadata=_doc("feature rows per Redis pipeline"))
+    api_host: str = field(default="127.0.0.1", metadata=_doc("recommendation API bind address"))
+    api_port: int = field(default=8000, metadata=_doc("recommendation API port"))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = "FRESHREC_" + f.name.upper()
+            if name not in env:
+                continue
+            raw = env[name]
+            if f.type in ("int", int):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number") from None
+            elif f.type in ("Path", Path):
+                values[f.name] = Path(raw)
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        positive = ("partitions", "window_seconds", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
+                    "covisit_top_k", "trending_size", "checkpoint_interval_ms", "parallelism",
+                    "sink_flush_ms", "sink_batch_rows")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")
+        if self.state_backend not in ("hashmap", "rocksdb"):
+            raise ConfigError(f"FRESHREC_STATE_BACKEND={self.state_backend!r}; use hashmap or rocksdb")
+        if not self.feast_project.replace("_", "").isalnum():
+            raise ConfigError(f"FRESHREC_FEAST_PROJECT={self.feast_project!r}; use letters, digits and _")
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that reproduce these settings in a child process."""
+        return {"FRESHREC_" + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+    @staticmethod
+    def describe() -> list[tuple[str, str, str]]:
+        return [("FRESHREC_" + f.name.upper(), str(f.default), f.metadata.get("doc", "")) for f in fields(Settings)]

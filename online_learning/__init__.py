@@ -1,0 +1,1 @@
+"""freshrec: online_learning."""
