@@ -117,18 +117,22 @@ def _timestamp_ms(raw: dict[str, Any], now_ms: int) -> int:
         try:
             value = float(text)
         except ValueError:
-            try:
-                parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-            except ValueError:
-                raise InvalidEvent(field, f"cannot parse {text[:40]!r} as a number or ISO-8601 time") from None
-            if parsed.tzinfo is None:
-                raise InvalidEvent(field, "ISO-8601 time needs a UTC offset, e.g. 2017-11-26T01:00:00Z")
-            return _check_range(field, int(parsed.timestamp() * 1000), now_ms)
+            return _check_range(field, _iso_ms(field, text), now_ms)
     if not isinstance(value, int | float) or value != value:  # NaN
         raise InvalidEvent(field, f"expected a number or ISO-8601 string, got {type(value).__name__}")
     # `ts` is milliseconds; `timestamp` is seconds (the Taobao log's unit).
     ms = int(value) if field == "ts" else int(value * 1000)
     return _check_range(field, ms, now_ms)
+
+
+def _iso_ms(field: str, text: str) -> int:
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidEvent(field, f"cannot parse {text[:40]!r} as a number or ISO-8601 time") from None
+    if parsed.tzinfo is None:
+        raise InvalidEvent(field, "ISO-8601 time needs a UTC offset, e.g. 2017-11-26T01:00:00Z")
+    return int(parsed.timestamp() * 1000)
 
 
 def _check_range(field: str, ms: int, now_ms: int) -> int:

@@ -78,4 +78,9 @@ item_covisit = FeatureView(
 )
 
 ENTITIES = [user, item]
+
+
+def trending_key(project: str) -> str:
+    """The global trending list is one JSON value beside Feast's hashes, not a feature view."""
+    return f"{project}:trending"
 FEATURE_VIEWS = [user_recent, item_recent, item_covisit]

@@ -1,9 +1,42 @@
-"""The ``freshrec`` command."""
+"""freshrec: real-time recommendations from a streaming feature pipeline.
+
+  freshrec up [--demo | --log FILE]   start broker, Redis, the feature job and the API
+  freshrec replay FILE                stream a behavior log into the running stack
+  freshrec status                     what is running, and how far it got
+  freshrec down                       stop a stack started in another terminal
+  freshrec doctor                     check Java, jars, binaries and ports
+  freshrec config                     every FRESHREC_* setting with its default
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from freshrec.config import ConfigError, Settings
+
+
+class UserError(Exception):
+    """Printed as one line, without a traceback."""
+
+
+def cli_settings() -> Settings:
+    """Environment first; where it is silent, the ports of a stack started by `freshrec up`."""
+    from freshrec.stack import running
+
+    settings = Settings.from_env()
+    doc = running(settings.state_dir)
+    if doc is None:
+        return settings
+    merged = {**doc["settings"], **{k: v for k, v in os.environ.items() if k.startswith("FRESHREC_")}}
+    return Settings.from_env(merged)
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
@@ -14,12 +47,201 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="freshrec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from connectors.embedded import ServiceError, redis_binary, tansu_binary, wait_for_port
+    from streaming.jars import missing_jars
+
+    settings = Settings.from_env()
+    problems = 0
+
+    def report(ok: bool, what: str, fix: str = "") -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"{'ok ' if ok else 'NO '} {what}" + ("" if ok else f"\n    fix: {fix}"))
+
+    java = shutil.which("java")
+    version = ""
+    if java:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+        version = out.splitlines()[0] if out else ""
+    report(bool(java) and any(f'"{v}' in version for v in ("11", "17", "21")), f"Java: {version or 'not found'}",
+           "install OpenJDK 17 (apt-get install openjdk-17-jre-headless); Flink 2.3 runs on Java 11/17/21")
+    missing = missing_jars()
+    report(not missing, "Kafka connector jars" + (f" missing: {', '.join(map(str, missing))}" if missing else ""),
+           "run `freshrec setup` (downloads them once, verified by hash)")
+    for name, find in (("Tansu broker", tansu_binary), ("redis-server", redis_binary)):
+        try:
+            report(True, f"{name}: {find()}")
+        except ServiceError as exc:
+            report(False, name, str(exc))
+    try:
+        wait_for_port(settings.api_port, 0.1)
+        report(False, f"API port {settings.api_port} is taken", "set FRESHREC_API_PORT to a free port")
+    except ServiceError:
+        report(True, f"API port {settings.api_port} is free")
+    print("all good" if not problems else f"{problems} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from freshrec.stack import Stack, running, wait_port_free
+
+    settings = Settings.from_env()
+    if running(settings.state_dir):
+        raise UserError(f"a stack is already running (see {settings.state_dir}/stack.json); `freshrec down` first")
+    wait_port_free(settings.api_port)
+    stop = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    stack = Stack.start(settings, log=lambda m: print(m, flush=True))
+    try:
+        s = stack.settings
+        print(f"\nfreshrec is up\n  API       {stack.api_url}/docs\n  broker    {s.kafka_bootstrap}\n"
+              f"  Redis     {s.redis_url}\n  logs      {stack.log_dir}/\n"
+              f"  try       curl '{stack.api_url}/recommendations?user_id=1&k=10'\n", flush=True)
+        if args.demo or args.log:
+            _feed(s, args)
+        print("running; Ctrl-C stops everything", flush=True)
+        while True:
+            dead = stack.dead()
+            if dead:
+                raise UserError(f"{', '.join(dead)} stopped unexpectedly; see {stack.log_dir}/")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+    finally:
+        stack.stop()
+    print("stopped")
+    return 0
+
+
+def _feed(s: Settings, args: argparse.Namespace) -> None:
+    """Replay a log, or simulated behavior, into the stack."""
+    from connectors.kafka import EventProducer
+    from connectors.replay import replay, sorted_events
+    from connectors.simulator import simulate
+
+    with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
+        if args.log:
+            events = sorted_events(Path(args.log), "auto", producer)
+            print(f"replaying {len(events)} events from {args.log} at {args.speed}x", flush=True)
+            stats = replay(events, producer, speed=args.speed, total=len(events))
+        else:
+            print(f"replaying {args.events} simulated events at {args.rate}/s", flush=True)
+            stats = replay(simulate(args.events, start_ms=int(time.time() * 1000), events_per_second=args.rate),
+                           producer,
+                           rate=args.rate, total=args.events)
+    print(f"replayed: {stats.accepted} accepted, {stats.rejected} to the DLQ", flush=True)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from connectors.kafka import EventProducer
+    from connectors.logfile import LogFormatError
+    from connectors.replay import replay, sorted_events
+
+    s = cli_settings()
+    with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
+        try:
+            events = sorted_events(Path(args.file), args.format, producer)
+        except LogFormatError as exc:
+            raise UserError(str(exc)) from None
+        if args.limit:
+            events = events[: args.limit]
+        print(f"{len(events)} valid events, {producer.stats.rejected} refused (sent to {s.dlq_topic}); "
+              f"producing to {s.events_topic} at {s.kafka_bootstrap}", file=sys.stderr)
+        stats = replay(events, producer, speed=args.speed, rate=args.rate, total=len(events),
+                       progress=not args.quiet)
+    print(f"done: {stats.accepted} produced, {stats.rejected} to the DLQ"
+          + (f" ({', '.join(f'{k}: {v}' for k, v in stats.reasons.items())})" if stats.reasons else ""))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+    import redis
+
+    from freshrec.stack import running
+
+    s = cli_settings()
+    doc = running(s.state_dir)
+    if doc is None:
+        print("no stack running here (start one with `freshrec up`)")
+        return 1
+    for name, pid in doc["pids"].items():
+        try:
+            os.killpg(pid, 0)
+            state = "up"
+        except ProcessLookupError:
+            state = "DOWN"
+        print(f"{name:12} {state:5} pid {pid}")
+    try:
+        client = redis.Redis.from_url(s.redis_url, socket_timeout=1)
+        print(f"{'redis keys':12} {client.dbsize()}")
+    except redis.RedisError as exc:
+        print(f"{'redis':12} unreachable: {exc}")
+    try:
+        httpx.get(doc["api"] + "/healthz", timeout=1).raise_for_status()
+        print(f"{'api':12} healthy at {doc['api']}")
+    except httpx.HTTPError as exc:
+        print(f"{'api':12} not answering: {exc}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from freshrec.stack import down
+
+    stopped = down(Settings.from_env().state_dir)
+    print("stopped " + ", ".join(stopped) if stopped else "nothing was running")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    for name, default, doc in Settings.describe():
+        print(f"{name:36} {default:28} {doc}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="freshrec", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("setup", help="fetch the Kafka connector jars for Flink").set_defaults(func=cmd_setup)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    sub.add_parser("doctor", help="check Java, jars, binaries and ports").set_defaults(func=cmd_doctor)
+    up = sub.add_parser("up", help="start the embedded stack")
+    up.add_argument("--demo", action="store_true", help="feed simulated behavior once the stack is up")
+    up.add_argument("--log", help="feed this log file (Taobao CSV, CSV or JSONL) instead of simulated behavior")
+    up.add_argument("--speed", type=float, default=60.0, help="replay speed for --log, x real time")
+    up.add_argument("--rate", type=float, default=500.0, help="events/s for simulated behavior")
+    up.add_argument("--events", type=int, default=200_000, help="how many simulated events")
+    up.set_defaults(func=cmd_up)
+    rp = sub.add_parser("replay", help="stream a behavior log into the running stack, in event-time order")
+    rp.add_argument("file")
+    rp.add_argument("--format", default="auto", choices=["auto", "taobao", "csv", "jsonl"])
+    pace = rp.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, help="multiple of real time (60 = one hour of log per minute)")
+    pace.add_argument("--rate", type=float, help="events per second")
+    rp.add_argument("--limit", type=int, help="only the first N events")
+    rp.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp.set_defaults(func=cmd_replay)
+    sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)
+    sub.add_parser("down", help="stop a stack started by `freshrec up`").set_defaults(func=cmd_down)
+    sub.add_parser("config", help="list every FRESHREC_* setting").set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from connectors.embedded import ServiceError
+    from connectors.kafka import BrokerError
+
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (UserError, ConfigError, ServiceError, BrokerError, ValueError) as exc:
+        print(f"freshrec {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ from pyflink.datastream.connectors.kafka import (
 from pyflink.datastream.state import ValueStateDescriptor
 
 from connectors.schema import InvalidEvent, dead_letter, validate
+from features.definitions import trending_key
 from freshrec.config import Settings
+from jobs.topics import feature_log_topic
 from streaming.flink import environment
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, Trending, UserState
 
@@ -53,14 +55,6 @@ ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()]
 PAIR = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
 DLQ = OutputTag("dlq", Types.STRING())
 TRENDING_VIEW = "trending"
-
-
-def trending_key(project: str) -> str:
-    return f"{project}:trending"
-
-
-def feature_log_topic(settings: Settings) -> str:
-    return f"{settings.events_topic}-features"
 
 
 class ParseEvents(ProcessFunction):

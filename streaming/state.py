@@ -20,7 +20,7 @@ implementation.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+from bisect import bisect_left
 from collections import Counter
 from typing import NamedTuple
 

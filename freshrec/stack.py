@@ -1,0 +1,172 @@
+"""The embedded stack: broker, Redis, the feature job and the API as child processes.
+
+``up`` writes ``<state_dir>/stack.json`` (ports, pids) so that ``replay``, ``status`` and
+``down`` in another terminal find the running stack. Children run in their own process
+groups and are stopped group-wide, so no JVM, broker or Redis outlives the stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from connectors.embedded import Service, ServiceError, start_broker, start_redis, wait_for_port
+from connectors.kafka import ensure_topics
+from freshrec.config import Settings
+from jobs.topics import topic_plan
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def stack_file(settings: Settings) -> Path:
+    return settings.state_dir / "stack.json"
+
+
+def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    with (log_dir / f"{name}.log").open("ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                cwd=PROJECT_ROOT, start_new_session=True)
+
+
+def stop_group(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start_feature_job(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    return spawn("feature_job", [sys.executable, "-m", "jobs.feature_job"], settings, log_dir)
+
+
+def start_api(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", settings.api_host,
+            "--port", str(settings.api_port), "--no-access-log"]
+    return spawn("api", args, settings, log_dir)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"the API exited with code {proc.returncode}; see its log")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise ServiceError(f"the API did not answer at {url}/healthz within {timeout:.0f}s")
+
+
+@dataclass
+class Stack:
+    """The running embedded stack; stop() ends every part, newest first."""
+
+    settings: Settings
+    services: list[Service] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def log_dir(self) -> Path:
+        return self.settings.state_dir / "logs"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    @classmethod
+    def start(cls, settings: Settings, log: Any = print) -> Stack:
+        from features.store import apply
+
+        stack = cls(settings)
+        try:
+            log("starting broker and Redis ...")
+            broker = start_broker(stack.log_dir)
+            stack.services.append(broker)
+            redis = start_redis(settings.state_dir / "redis")
+            stack.services.append(redis)
+            stack.settings = settings = settings.replace(kafka_bootstrap=f"127.0.0.1:{broker.port}",
+                                                         redis_url=f"redis://127.0.0.1:{redis.port}/0")
+            # The embedded broker starts empty, so old checkpoints point at offsets that no longer exist.
+            shutil.rmtree(settings.state_dir / "checkpoints", ignore_errors=True)
+            ensure_topics(settings.kafka_bootstrap, topic_plan(settings))
+            log("registering feature views with Feast ...")
+            apply(settings)
+            log("starting the PyFlink feature job and the API ...")
+            stack.procs["feature_job"] = start_feature_job(settings, stack.log_dir)
+            stack.procs["api"] = start_api(settings, stack.log_dir)
+            wait_healthy(stack.api_url, stack.procs["api"])
+            stack.save()
+        except BaseException:
+            stack.stop()
+            raise
+        return stack
+
+    def save(self) -> None:
+        doc = {"settings": self.settings.to_env(), "api": self.api_url,
+               "pids": {name: p.pid for name, p in self.procs.items()}
+               | {s.name: s.proc.pid for s in self.services}, "started": time.time()}
+        stack_file(self.settings).write_text(json.dumps(doc, indent=2))
+
+    def dead(self) -> list[str]:
+        gone = [name for name, p in self.procs.items() if p.poll() is not None]
+        return gone + [s.name for s in self.services if not s.alive()]
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            stop_group(proc.pid)
+            proc.wait()
+        for service in reversed(self.services):
+            service.stop()
+        stack_file(self.settings).unlink(missing_ok=True)
+
+
+def running(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / "stack.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def down(state_dir: Path) -> list[str]:
+    """Stop a stack started by another ``freshrec up`` process; returns what was stopped."""
+    doc = running(state_dir)
+    if doc is None:
+        return []
+    stopped = []
+    for name, pid in doc["pids"].items():
+        stop_group(pid)
+        stopped.append(name)
+    (state_dir / "stack.json").unlink(missing_ok=True)
+    return stopped
+
+
+def wait_port_free(port: int) -> None:
+    try:
+        wait_for_port(port, 0.1)
+    except ServiceError:
+        return
+    raise ServiceError(f"port {port} is in use; set FRESHREC_API_PORT to a free port or stop what holds it")
