@@ -47,7 +47,7 @@ class Settings:
     trending_size: int = field(default=100, metadata=_doc("items kept in the trending list"))
     out_of_orderness_ms: int = field(default=2000, metadata=_doc("watermark lag behind the newest event"))
     allowed_lateness_ms: int = field(default=600_000, metadata=_doc("events later than this go to the DLQ"))
-    idle_timeout_ms: int = field(default=2000, metadata=_doc("a silent partition stops holding watermarks"))
+    idle_timeout_ms: int = field(default=30_000, metadata=_doc("a silent partition stops holding watermarks"))
     checkpoint_interval_ms: int = field(default=5000, metadata=_doc("Flink checkpoint interval"))
     state_backend: str = field(default="hashmap", metadata=_doc("Flink state backend: hashmap or rocksdb"))
     parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
