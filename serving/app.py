@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
@@ -48,11 +50,19 @@ class IngestResult(BaseModel):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    app = FastAPI(title="freshrec", version="0.1.0",
-                  description="Real-time recommendations from a streaming feature pipeline.")
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
     reader = FeastRedisReader(client, settings.feast_project, FEATURE_VIEWS)
     producer: list[EventProducer] = []  # created on first ingest, so the API starts without a broker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for p in producer:
+            p.close()
+        client.close()
+
+    app = FastAPI(title="freshrec", version="0.1.0", lifespan=lifespan,
+                  description="Real-time recommendations from a streaming feature pipeline.")
 
     def event_producer() -> EventProducer:
         if not producer:
@@ -110,12 +120,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(503, f"event log unavailable, nothing acknowledged: {exc}") from exc
         result = IngestResult(accepted=len(events) - len(errors), rejected=len(errors), errors=errors)
         return JSONResponse(result.model_dump(), status_code=422 if errors else 200)
-
-    @app.on_event("shutdown")
-    def close() -> None:
-        for p in producer:
-            p.close()
-        client.close()
 
     return app
 
