@@ -5,6 +5,7 @@
   freshrec status                     what is running, and how far it got
   freshrec down                       stop a stack started in another terminal
   freshrec doctor                     check Java, jars, binaries and ports
+  freshrec init                       create topics, register feature views (for external Kafka/Redis)
   freshrec config                     every FRESHREC_* setting with its default
 """
 
@@ -44,6 +45,21 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
     for path in ensure_jars():
         print(f"ok  {path}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create the topics and register the feature views: the one-time step of a deployment."""
+    from connectors.kafka import ensure_topics
+    from features.store import apply
+    from jobs.topics import topic_plan
+
+    s = Settings.from_env()
+    plan = topic_plan(s)
+    ensure_topics(s.kafka_bootstrap, plan)
+    apply(s)
+    print("topics: " + ", ".join(f"{t} ({n} partitions)" for t, n in plan.items()))
+    print(f"feature views registered in Feast project {s.feast_project}")
     return 0
 
 
@@ -210,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("setup", help="fetch the Kafka connector jars for Flink").set_defaults(func=cmd_setup)
     sub.add_parser("doctor", help="check Java, jars, binaries and ports").set_defaults(func=cmd_doctor)
+    sub.add_parser("init", help="create topics and register feature views (external Kafka/Redis)").set_defaults(
+        func=cmd_init)
     up = sub.add_parser("up", help="start the embedded stack")
     up.add_argument("--demo", action="store_true", help="feed simulated behavior once the stack is up")
     up.add_argument("--log", help="feed this log file (Taobao CSV, CSV or JSONL) instead of simulated behavior")
