@@ -123,8 +123,9 @@ def main() -> None:
         stack = Stack.start(settings)
         try:
             result = {"machine": f"{platform.machine()} {mp.cpu_count()} cores", "when": time.strftime("%F %T"),
-                      "feature_job_throughput": throughput(stack, args.events),
-                      "freshness": freshness(stack, args.rate, args.probes)}
+                      "feature_job_throughput": throughput(stack, args.events)}
+            print(json.dumps(result), flush=True)
+            result["freshness"] = freshness(stack, args.rate, args.probes)
         finally:
             stack.stop()
     RESULTS.mkdir(exist_ok=True)
