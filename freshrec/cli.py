@@ -64,7 +64,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from connectors.embedded import ServiceError, redis_binary, tansu_binary, wait_for_port
+    from connectors.embedded import ServiceError, redis_binary, tansu_binary
+    from freshrec.stack import wait_port_free
     from streaming.jars import missing_jars
 
     settings = Settings.from_env()
@@ -91,10 +92,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         except ServiceError as exc:
             report(False, name, str(exc))
     try:
-        wait_for_port(settings.api_port, 0.1)
-        report(False, f"API port {settings.api_port} is taken", "set FRESHREC_API_PORT to a free port")
-    except ServiceError:
+        wait_port_free(settings.api_port)
         report(True, f"API port {settings.api_port} is free")
+    except ServiceError as exc:
+        report(False, f"API port {settings.api_port} is taken", str(exc))
     print("all good" if not problems else f"{problems} problem(s)")
     return 1 if problems else 0
 
@@ -138,41 +139,42 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _feed(s: Settings, args: argparse.Namespace) -> None:
     """Replay a log, or simulated behavior, into the stack."""
     from connectors.kafka import EventProducer
-    from connectors.replay import replay, sorted_events
+    from connectors.replay import replay
     from connectors.simulator import simulate
 
+    if args.log:
+        _replay_log(s, Path(args.log), "auto", speed=args.speed)
+        return
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
-        if args.log:
-            events = sorted_events(Path(args.log), "auto", producer)
-            print(f"replaying {len(events)} events from {args.log} at {args.speed}x", flush=True)
-            stats = replay(events, producer, speed=args.speed, total=len(events))
-        else:
-            print(f"replaying {args.events} simulated events at {args.rate}/s", flush=True)
-            stats = replay(simulate(args.events, start_ms=int(time.time() * 1000), events_per_second=args.rate),
-                           producer,
-                           rate=args.rate, total=args.events)
+        print(f"replaying {args.events} simulated events at {args.rate}/s", flush=True)
+        stats = replay(simulate(args.events, start_ms=int(time.time() * 1000), events_per_second=args.rate),
+                       producer, rate=args.rate, total=args.events)
     print(f"replayed: {stats.accepted} accepted, {stats.rejected} to the DLQ", flush=True)
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
+def _replay_log(s: Settings, path: Path, fmt: str, speed: float | None = None, rate: float | None = None,
+                limit: int | None = None, progress: bool = True) -> None:
+    """Validate a log (bad rows to the DLQ), sort it by event time and produce it, paced."""
     from connectors.kafka import EventProducer
     from connectors.logfile import LogFormatError
     from connectors.replay import replay, sorted_events
 
-    s = cli_settings()
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
         try:
-            events = sorted_events(Path(args.file), args.format, producer)
+            events = sorted_events(path, fmt, producer)
         except LogFormatError as exc:
             raise UserError(str(exc)) from None
-        if args.limit:
-            events = events[: args.limit]
+        if limit:
+            events = events[:limit]
         print(f"{len(events)} valid events, {producer.stats.rejected} refused (sent to {s.dlq_topic}); "
-              f"producing to {s.events_topic} at {s.kafka_bootstrap}", file=sys.stderr)
-        stats = replay(events, producer, speed=args.speed, rate=args.rate, total=len(events),
-                       progress=not args.quiet)
+              f"producing to {s.events_topic} at {s.kafka_bootstrap}", file=sys.stderr, flush=True)
+        stats = replay(events, producer, speed=speed, rate=rate, total=len(events), progress=progress)
     print(f"done: {stats.accepted} produced, {stats.rejected} to the DLQ"
-          + (f" ({', '.join(f'{k}: {v}' for k, v in stats.reasons.items())})" if stats.reasons else ""))
+          + (f" ({', '.join(f'{k}: {v}' for k, v in stats.reasons.items())})" if stats.reasons else ""), flush=True)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    _replay_log(cli_settings(), Path(args.file), args.format, args.speed, args.rate, args.limit, not args.quiet)
     return 0
 
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import BrokerError, EventProducer
-from connectors.schema import InvalidEvent, validate
+from connectors.schema import InvalidEvent
 from features.definitions import FEATURE_VIEWS, trending_key
 from freshrec.config import Settings
 from serving.ranking import rank
@@ -110,11 +110,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             p = event_producer()
             for i, raw in enumerate(events):
-                try:
-                    p.send_valid(validate(raw, now))
-                except InvalidEvent as err:
-                    p.send_dead_letter(json.dumps(raw, default=str), err)
-                    errors.append({"index": i, "field": err.field, "reason": err.reason})
+                result = p.send(raw, now)
+                if isinstance(result, InvalidEvent):
+                    errors.append({"index": i, "field": result.field, "reason": result.reason})
             p.flush()
         except BrokerError as exc:
             raise HTTPException(503, f"event log unavailable, nothing acknowledged: {exc}") from exc

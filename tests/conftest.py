@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +22,7 @@ from connectors.kafka import ensure_topics
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
+from freshrec.stack import start_feature_job
 from jobs.topics import topic_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,12 +85,8 @@ class JobProcess:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.proc = start_feature_job(settings, settings.state_dir)
         self.log = settings.state_dir / "feature_job.log"
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "jobs.feature_job"], cwd=ROOT,
-                                         env={**os.environ, **settings.to_env()}, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:
