@@ -1,0 +1,143 @@
+"""Append the feature log to Feast's offline store: Parquet per feature view and day.
+
+The feature job sends every row it writes to Redis on to ``<events>-features``; this writer
+consumes that topic and appends the rows under the Feast repo as
+``offline/<view>/date=YYYY-MM-DD/part-<partition>.<first offset>-<its record time>.parquet`` (the layout the
+views' FileSources read), so ``get_historical_features`` sees what the online store saw, as
+of each row's event time.
+
+Offsets are committed after the files are written. A crash in between re-reads the rows from
+the same first records, so they land in files of the same names, replacing the first try's (the
+record time keeps a fresh embedded broker, whose offsets restart at 0, from reusing names).
+
+Run: ``python -m connectors.offline_store`` with FRESHREC_* variables set (``freshrec up`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from feast import FeatureView
+from feast.types import Array, Float64, Int64, String
+
+from connectors.kafka import consumer
+from features.definitions import FEATURE_VIEWS
+from features.store import repo_dir
+from freshrec.config import Settings
+from jobs.topics import feature_log_topic
+
+_ARROW = {Int64: pa.int64(), Float64: pa.float64(), String: pa.string(), Array(String): pa.list_(pa.string()),
+          Array(Int64): pa.list_(pa.int64()), Array(Float64): pa.list_(pa.float64())}
+
+
+def arrow_schema(view: FeatureView) -> pa.Schema:
+    """Join key, event time, then the view's features, typed as Feast declares them."""
+    try:
+        features = [pa.field(f.name, _ARROW[f.dtype]) for f in view.features]
+    except KeyError as err:
+        raise TypeError(f"feature view {view.name}: type {err} has no Parquet mapping; "
+                        "add one to connectors/offline_store.py") from None
+    keys = [pa.field(c.name, pa.string()) for c in view.entity_columns]
+    return pa.schema([*keys, pa.field("event_timestamp", pa.timestamp("ms", tz="UTC")), *features])
+
+
+class OfflineWriter:
+    """Buffers feature-log rows and writes them out every ``flush_rows`` rows or ``flush_s`` seconds."""
+
+    def __init__(self, settings: Settings, flush_rows: int = 50_000, flush_s: float = 5.0) -> None:
+        self.settings = settings
+        self.root = repo_dir(settings) / "offline"
+        self.views = {v.name: (v, arrow_schema(v)) for v in FEATURE_VIEWS}
+        self.flush_rows, self.flush_s = flush_rows, flush_s
+        self.consumer = consumer(settings.kafka_bootstrap, feature_log_topic(settings),
+                                 group=f"freshrec-offline-{settings.feast_project}", enable_auto_commit=False)
+        # (view, date) -> rows
+        self.pending: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        self.first: dict[int, tuple[int, int]] = {}  # partition -> (offset, record time) of its first row
+        self.count = 0
+        self.written = 0
+
+    def add(self, raw: bytes, partition: int, offset: int, record_ms: int) -> None:
+        row = json.loads(raw)
+        view = self.views.get(row["view"])
+        if view is None:
+            return  # not a feature view (the trending list)
+        fv, _ = view
+        when = datetime.fromtimestamp(row["ts"] / 1000, tz=UTC)
+        record = {fv.entity_columns[0].name: row["entity"], "event_timestamp": when, **row["values"]}
+        self.pending[(fv.name, when.strftime("%Y-%m-%d"))].append(record)
+        self.first.setdefault(partition, (offset, record_ms))
+        self.count += 1
+
+    def flush(self) -> int:
+        """Write every pending row, then commit the offsets they came from."""
+        if not self.count:
+            return 0
+        tag = "_".join(f"{p}.{o}-{t}" for p, (o, t) in sorted(self.first.items()))
+        for (name, day), rows in self.pending.items():
+            schema = self.views[name][1]
+            folder = self.root / name / f"date={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            table = pa.Table.from_pylist(rows, schema=schema)
+            tmp = folder / f".part-{tag}.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.rename(folder / f"part-{tag}.parquet")  # readers never see half a file
+        self.consumer.commit()
+        n, self.count = self.count, 0
+        self.written += n
+        self.pending.clear()
+        self.first.clear()
+        return n
+
+    def run(self, stop_after_idle_s: float | None = None) -> int:
+        """Consume until SIGTERM/SIGINT, or (for tools and tests) until ``stop_after_idle_s`` pass
+        without rows once rows came (30 s if none come at all); returns the rows written."""
+        stopping = False
+
+        def stop(*_: Any) -> None:
+            nonlocal stopping
+            stopping = True
+
+        if stop_after_idle_s is None:
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+        last_flush = time.monotonic()
+        last_row = last_flush + 30 - (stop_after_idle_s or 0)  # the consumer's group join takes seconds
+        try:
+            while not stopping:
+                for tp, records in self.consumer.poll(timeout_ms=500, max_records=5000).items():
+                    for rec in records:
+                        self.add(rec.value, tp.partition, rec.offset, rec.timestamp)
+                    last_row = time.monotonic()
+                now = time.monotonic()
+                if self.count >= self.flush_rows or (self.count and now - last_flush >= self.flush_s):
+                    self.flush()
+                    last_flush = now
+                if stop_after_idle_s is not None and now - last_row > stop_after_idle_s:
+                    break
+            self.flush()
+        finally:
+            self.consumer.close()
+        return self.written
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    writer = OfflineWriter(settings)
+    print(f"[offline-store] {feature_log_topic(settings)} -> {writer.root}", file=sys.stderr, flush=True)
+    writer.run()
+    print(f"[offline-store] stopped after writing {writer.written} rows", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
