@@ -1,12 +1,16 @@
 """Freshness and throughput of the embedded stack; writes bench/results/freshness.json.
 
-1. Throughput: N simulated events are loaded into the topic first, then the feature job
-   starts; events/s = N / (time from the first feature row in Redis to the last event's).
-2. Freshness: while a background process replays at --rate events/s, probe events (one new
+Workload: the Taobao slice in ../shared/data when present (real users, items and sessions),
+else the simulator with as many users as a real stream of that size has (see ``workload``).
+
+1. Throughput: N events are loaded into the topic first, then the feature job starts;
+   events/s = N / (time from the first feature row in Redis to the last event's).
+2. Freshness: while --producers background processes replay the workload at --rate events/s
+   in total (timestamps = the wall clock at sending, as in production), probe events (one new
    user each) are produced; we time event -> its features readable in Redis, and
    event -> the API answering for that user as a known user. p50/p99 over --probes.
 
-    python bench/freshness.py [--events 50000] [--rate 2000] [--probes 200]
+    python bench/freshness.py [--events 100000] [--rate 2000] [--probes 200]
 """
 
 from __future__ import annotations
@@ -18,23 +22,55 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
 
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import EventProducer, ensure_topics
+from connectors.logfile import open_log
 from connectors.replay import replay
-from connectors.schema import validate
+from connectors.schema import BehaviorEvent, validate
 from connectors.simulator import simulate
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
 from freshrec.stack import Stack, start_feature_job, stop_group
 from jobs.topics import topic_plan
+from streaming.state import Ev, RecentViews, Spec
 
 RESULTS = Path(__file__).parent / "results"
+TAOBAO = Path(__file__).resolve().parent.parent.parent / "shared/data/taobao_userbehavior_timeslice_110k.csv"
+
+
+def workload(n: int, start_ms: int) -> tuple[str, list[BehaviorEvent]]:
+    """``n`` events in time order from ``start_ms`` on, and where they came from."""
+    if TAOBAO.exists():
+        rows = sorted((validate(r) for r, _ in open_log(TAOBAO, "auto") if r is not None), key=lambda e: e.ts)
+        span = rows[-1].ts - rows[0].ts + 1000
+        shift = start_ms - rows[0].ts
+        # Looped with fresh ids and later times when n is larger than the slice.
+        events = [replace(e, event_id=f"{e.event_id}~{k}", ts=e.ts + shift + k * span)
+                  for k in range(n // len(rows) + 1) for e in rows][:n]
+        return f"Taobao slice ({TAOBAO.name})", events
+    # ~66k users per 110k events in the Taobao slice: a user's events are few and far apart.
+    users = max(2_000, n // 2)
+    raw = simulate(n, n_users=users, n_items=users, n_categories=500, start_ms=start_ms, seed=4)
+    return f"simulator ({users} users)", [validate(e) for e in raw]
+
+
+def pairs_per_event(events: list[BehaviorEvent], settings: Settings) -> float:
+    """Co-visit pair records per event: the fan-out that drives the job's cost."""
+    spec, views, n = Spec.of(settings), {}, 0
+    for e in events:
+        if e.behavior == "view":
+            ev = Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
+            n += len(views.setdefault(e.user_id, RecentViews()).add(ev, spec))
+    return round(n / len(events), 2)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -42,18 +78,29 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def background(settings: Settings, rate: float, seconds: float) -> None:
-    start = int(time.time() * 1000) - 1000
-    n = int(rate * seconds)
+def background(settings: Settings, part: int, producers: int, rate: float, seconds: float, sent: Any) -> None:
+    """One of ``producers`` processes replaying the workload at ``rate``/s, stamped with the wall clock."""
+    _, events = workload(int(rate * seconds), 0)
+    mine = events[part::producers]
+
+    def stamped() -> Iterator[BehaviorEvent]:
+        for i, e in enumerate(mine):
+            yield replace(e, event_id=f"bg{part}-{i}", ts=int(time.time() * 1000))
+
     with EventProducer(settings.kafka_bootstrap, settings.events_topic, settings.dlq_topic) as p:
-        replay(simulate(n, start_ms=start, events_per_second=rate, seed=9), p, rate=rate, progress=False)
+        started = time.monotonic()
+        stats = replay(stamped(), p, rate=rate / producers, progress=False)
+    with sent.get_lock():  # achieved rate, summed over the producers
+        sent.value += stats.accepted / (time.monotonic() - started)
 
 
 def throughput(stack: Stack, n: int) -> dict[str, float]:
     s = stack.settings.replace(events_topic="tput-events", dlq_topic="tput-dlq", feast_project="tput")
     ensure_topics(s.kafka_bootstrap, topic_plan(s))
     apply(s)
-    events = [validate(e) for e in simulate(n, start_ms=int(time.time() * 1000) - 86_400_000, seed=4)]
+    source, events = workload(n, int(time.time() * 1000) - 86_400_000)
+    print(f"throughput: {n} events from the {source}, {pairs_per_event(events, s)} co-visit pairs per event",
+          flush=True)
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
         replay(events, p, total=n)
     last = events[-1]
@@ -75,16 +122,22 @@ def throughput(stack: Stack, n: int) -> dict[str, float]:
     finally:
         stop_group(job.pid)
     assert first_at is not None
-    return {"events": n, "seconds": round(done_at - first_at, 2), "events_per_s": round(n / (done_at - first_at))}
+    return {"workload": source, "covisit_pairs_per_event": pairs_per_event(events, s), "events": n,
+            "seconds": round(done_at - first_at, 2), "events_per_s": round(n / (done_at - first_at))}
 
 
-def freshness(stack: Stack, rate: float, probes: int) -> dict[str, float]:
+def freshness(stack: Stack, rate: float, probes: int, producers: int) -> dict[str, Any]:
     s = stack.settings
     reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
     api = httpx.Client(base_url=stack.api_url)
-    bg = mp.get_context("spawn").Process(target=background, args=(s, rate, probes * 0.25 + 30))
-    bg.start()
-    time.sleep(5)  # let the background load reach its rate
+    seconds = probes * 0.25 + 30
+    ctx = mp.get_context("spawn")
+    achieved = ctx.Value("d", 0.0)
+    bg = [ctx.Process(target=background, args=(s, k, producers, rate, seconds, achieved)) for k in range(producers)]
+    for proc in bg:
+        proc.start()
+    time.sleep(10)  # let the background load reach its rate
+    bg_started = time.monotonic()
     to_redis: list[float] = []
     to_api: list[float] = []
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, linger_ms=0) as p:
@@ -106,28 +159,40 @@ def freshness(stack: Stack, rate: float, probes: int) -> dict[str, float]:
             to_redis.append((got_redis - t0) * 1000)
             to_api.append((got_api - t0) * 1000)
             time.sleep(0.2)
-    bg.join()
-    return {"background_rate": rate, "probes": probes,
+    probing_s = time.monotonic() - bg_started
+    for proc in bg:
+        proc.join()
+    return {"background_rate": rate, "background_rate_achieved": round(achieved.value),
+            "background_producers": producers, "probing_seconds": round(probing_s, 1),
+            "probes": probes,
             "event_to_redis_ms": {"p50": round(statistics.median(to_redis), 1), "p99": round(pct(to_redis, 99), 1)},
             "event_to_api_ms": {"p50": round(statistics.median(to_api), 1), "p99": round(pct(to_api, 99), 1)}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--rate", type=float, default=2000)
     ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--producers", type=int, default=2, help="background producer processes")
+    ap.add_argument("--only", choices=("throughput", "freshness"), help="run one part (no results file)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env(state_dir=Path(tmp), api_port=18000 + int(time.time()) % 1000)
         stack = Stack.start(settings)
         try:
-            result = {"machine": f"{platform.machine()} {mp.cpu_count()} cores", "when": time.strftime("%F %T"),
-                      "feature_job_throughput": throughput(stack, args.events)}
-            print(json.dumps(result), flush=True)
-            result["freshness"] = freshness(stack, args.rate, args.probes)
+            result: dict[str, Any] = {"machine": f"{platform.machine()} {mp.cpu_count()} cores",
+                                      "when": time.strftime("%F %T")}
+            if args.only != "freshness":
+                result["feature_job_throughput"] = throughput(stack, args.events)
+                print(json.dumps(result), flush=True)
+            if args.only != "throughput":
+                result["freshness"] = freshness(stack, args.rate, args.probes, args.producers)
         finally:
             stack.stop()
+    if args.only:
+        print(json.dumps(result, indent=2))
+        return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "freshness.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -38,11 +38,14 @@ class Settings:
     partitions: int = field(default=2, metadata=_doc("partitions of the events topic (fixed at creation)"))
     feast_project: str = field(default="freshrec", metadata=_doc("Feast project; namespaces Redis keys"))
     state_dir: Path = field(default=Path(".freshrec"), metadata=_doc("runtime files, checkpoints, logs"))
-    window_seconds: int = field(default=3600, metadata=_doc("sliding window of the recent counts"))
+    window_seconds: int = field(default=3600, metadata=_doc("window of the recent counts"))
+    window_pane_seconds: int = field(default=60, metadata=_doc("the recent-counts window slides in these steps"))
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))
     top_categories: int = field(default=3, metadata=_doc("categories kept in a user's top list"))
     covisit_gap_seconds: int = field(default=1800, metadata=_doc("views closer than this co-visit"))
     covisit_window_seconds: int = field(default=86400, metadata=_doc("window of co-visitation counts"))
+    covisit_pane_seconds: int = field(default=3600, metadata=_doc("the co-visit window slides in these steps"))
+    covisit_max_views: int = field(default=50, metadata=_doc("recent views per user kept for pairing"))
     covisit_top_k: int = field(default=20, metadata=_doc("neighbours kept per item"))
     trending_size: int = field(default=100, metadata=_doc("items kept in the trending list"))
     out_of_orderness_ms: int = field(default=2000, metadata=_doc("watermark lag behind the newest event"))
@@ -80,12 +83,19 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        positive = ("partitions", "window_seconds", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
+        positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
+                    "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
                     "covisit_top_k", "trending_size", "checkpoint_interval_ms", "parallelism",
                     "sink_flush_ms", "sink_batch_rows")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")
+        for window, pane in (("window_seconds", "window_pane_seconds"),
+                             ("covisit_window_seconds", "covisit_pane_seconds")):
+            if getattr(self, window) % getattr(self, pane):
+                raise ConfigError(f"FRESHREC_{window.upper()}={getattr(self, window)} is not a multiple of "
+                                  f"FRESHREC_{pane.upper()}={getattr(self, pane)}; make the window a whole "
+                                  "number of panes")
         if self.state_backend not in ("hashmap", "rocksdb"):
             raise ConfigError(f"FRESHREC_STATE_BACKEND={self.state_backend!r}; use hashmap or rocksdb")
         if not self.feast_project.replace("_", "").isalnum():

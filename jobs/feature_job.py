@@ -2,11 +2,12 @@
 
     Kafka behavior-events
       -> parse + validate (bad or too-late events -> DLQ topic, with the reason)
-      -> key by user  -> recent counts, last-N views, top categories   (user_recent)
-      -> key by item  -> recent views/carts/buys, buy rate              (item_recent)
-      -> key by user  -> co-visit pairs -> key by item -> neighbours    (item_covisit)
-      -> item_recent  -> trending list
-      -> Redis in Feast's layout, and every written row to the feature-log topic
+      -> key by user: drop duplicates; recent counts, last-N views, top categories   (user_recent)
+           |-> each new event -> key by item: views/carts/buys, buy rate           (item_recent)
+           |                                   -> one global key: trending list    (trending)
+           '-> co-visit pairs -> key by item: top neighbours                       (item_covisit)
+      -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
+      -> every feature row to the feature-log topic (the offline store's input)
 
 Event time is the Kafka record timestamp (our producers set it to the event's ``ts``);
 watermarks lag the newest event by FRESHREC_OUT_OF_ORDERNESS_MS, and events older than the
@@ -21,13 +22,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import zlib
 from typing import Any
 
 from pyflink.common import Duration, Types, WatermarkStrategy
 from pyflink.common.serialization import SimpleStringSchema
 from pyflink.datastream import (
     KeyedProcessFunction,
-    MapFunction,
     OutputTag,
     ProcessFunction,
     RuntimeContext,
@@ -39,21 +40,31 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSink,
     KafkaSource,
 )
-from pyflink.datastream.state import ValueStateDescriptor
+from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
 from connectors.schema import InvalidEvent, dead_letter, validate
 from features.definitions import trending_key
 from freshrec.config import Settings
 from jobs.topics import feature_log_topic
 from streaming.flink import environment
-from streaming.state import Ev, ItemState, Neighbours, RecentViews, Trending, UserState
+from streaming.state import Ev, ItemState, Neighbours, RecentViews, Spec, Trending, UserState
 
 JOB_NAME = "freshrec-features"
-EVENT = Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
+
+
+def _event_type() -> Any:
+    # Fresh objects per use: an OutputTag pickles its type, which must not hold Java handles yet.
+    return Types.TUPLE([Types.STRING(), Types.STRING(), Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
+
+
+EVENT = _event_type()
 # (feature view, entity, event ts ms, JSON of values)
 ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
-PAIR = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
+# (item, other item, ts ms)
+PAIR = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG()])
 DLQ = OutputTag("dlq", Types.STRING())
+NEW_EVENTS = OutputTag("new_events", _event_type())
+PAIRS = OutputTag("pairs", PAIR)
 TRENDING_VIEW = "trending"
 
 
@@ -62,6 +73,7 @@ class ParseEvents(ProcessFunction):
 
     def __init__(self, allowed_lateness_ms: int) -> None:
         self.allowed_lateness_ms = allowed_lateness_ms
+        self.watermark, self.asked_at = -(2**63), 0.0
 
     def process_element(self, value: str, ctx: ProcessFunction.Context):  # noqa: ANN201
         try:
@@ -69,13 +81,39 @@ class ParseEvents(ProcessFunction):
         except InvalidEvent as err:
             yield DLQ, dead_letter(value, err, "feature_job").decode()
             return
-        watermark = ctx.timer_service().current_watermark()
+        now = time.monotonic()
+        if now - self.asked_at > 0.01:  # a call into Java; the watermark moves slowly anyway
+            self.watermark, self.asked_at = ctx.timer_service().current_watermark(), now
+        watermark = self.watermark
         if e.ts < watermark - self.allowed_lateness_ms:
             late = InvalidEvent("ts", f"late by {watermark - e.ts} ms; the allowed lateness is "
                                       f"{self.allowed_lateness_ms} ms (FRESHREC_ALLOWED_LATENESS_MS)")
             yield DLQ, dead_letter(value, late, "feature_job").decode()
             return
         yield e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""
+
+
+class Ticks:
+    """One processing-time timer per key and tick of ``every_ms``: a key's rows wait for the
+    tick, however many arrive. Which keys hold a timer is remembered here to save a call into
+    Java per element; after a restore this memory is empty, timers are registered again, and
+    Flink keeps one per key and time."""
+
+    def __init__(self, every_ms: int) -> None:
+        self.every_ms = every_ms
+        self.tick = 0
+        self.keys: set[Any] = set()
+
+    def ensure(self, ctx: KeyedProcessFunction.Context, key: Any) -> None:
+        tick = (int(time.time() * 1000) // self.every_ms + 1) * self.every_ms  # Flink's clock, too
+        if tick != self.tick:
+            self.tick, self.keys = tick, set()
+        if key not in self.keys:
+            self.keys.add(key)
+            ctx.timer_service().register_processing_time_timer(tick)
+
+    def fired(self, key: Any) -> None:
+        self.keys.discard(key)
 
 
 class _Keyed(KeyedProcessFunction):
@@ -90,88 +128,125 @@ class _Keyed(KeyedProcessFunction):
         return self.state.value() or self.factory()
 
 
-class UserFeatures(_Keyed):
-    factory = UserState
+class UserFeatures(KeyedProcessFunction):
+    """Per user: drops duplicates, keeps user_recent, and pairs views for co-visitation.
+    Each new event also leaves (side output) for the item-keyed operators."""
 
     def __init__(self, s: Settings) -> None:
-        self.window_ms, self.last_n, self.top_k = s.window_seconds * 1000, s.last_n, s.top_categories
+        self.spec = Spec.of(s)
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.state = runtime_context.get_state(ValueStateDescriptor("user", Types.PICKLED_BYTE_ARRAY()))
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         ev = Ev(*value)
-        st: UserState = self.load()
-        if st.add(ev, self.window_ms, self.last_n):
-            self.state.update(st)
-            yield "user_recent", ev.user_id, st.newest, json.dumps(st.features(self.top_k))
+        st: UserState
+        views: RecentViews
+        st, views = self.state.value() or (UserState(), RecentViews())
+        if not st.add(ev, self.spec):
+            return
+        pairs = views.add(ev, self.spec) if ev.behavior == "view" else []
+        self.state.update((st, views))
+        yield "user_recent", ev.user_id, st.newest, json.dumps(st.features(self.spec))
+        yield NEW_EVENTS, value
+        for pair in pairs:
+            yield PAIRS, pair
 
 
 class ItemFeatures(_Keyed):
     factory = ItemState
 
     def __init__(self, s: Settings) -> None:
-        self.window_ms = s.window_seconds * 1000
+        self.spec = Spec.of(s)
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         ev = Ev(*value)
         st: ItemState = self.load()
-        if st.add(ev, self.window_ms):
-            self.state.update(st)
-            yield "item_recent", ev.item_id, st.newest, json.dumps(st.features())
-
-
-class CoVisitPairs(_Keyed):
-    factory = RecentViews
-
-    def __init__(self, s: Settings) -> None:
-        self.gap_ms = s.covisit_gap_seconds * 1000
-        self.keep_ms = self.gap_ms + s.allowed_lateness_ms
-
-    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        st: RecentViews = self.load()
-        yield from st.add(Ev(*value), self.gap_ms, self.keep_ms, max_views=50)
+        st.add(ev, self.spec)
         self.state.update(st)
+        yield "item_recent", ev.item_id, st.newest, json.dumps(st.features())
 
 
 class CoVisitNeighbours(_Keyed):
+    """Counts pairs as they come; emits an item's neighbours once per flush tick, however many
+    pairs arrived (a popular item gets hundreds a second)."""
+
     factory = Neighbours
 
     def __init__(self, s: Settings) -> None:
-        self.window_ms, self.top_k = s.covisit_window_seconds * 1000, s.covisit_top_k
+        self.spec, self.every_ms = Spec.of(s), s.sink_flush_ms
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        super().open(runtime_context)
+        self.ticks = Ticks(self.every_ms)
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        item, other, ts, pair_id = value
+        item, other, ts = value
         st: Neighbours = self.load()
-        if st.add(other, ts, pair_id, self.window_ms):
+        if st.add(other, ts, self.spec):
             self.state.update(st)
-            yield "item_covisit", item, st.newest, json.dumps(st.features(self.top_k))
+            self.ticks.ensure(ctx, item)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
+        item = ctx.get_current_key()
+        self.ticks.fired(item)
+        st: Neighbours = self.load()
+        yield "item_covisit", item, st.newest, json.dumps(st.features(self.spec))
 
 
-class TrendingItems(_Keyed):
-    """One global list; recomputed at most every 200 ms, and once more when input pauses."""
+class TrendingItems(KeyedProcessFunction):
+    """One global list (a single key), recomputed at most every 200 ms. Item scores sit in a
+    MapState, so an update writes one entry, not the whole list; the small rest is kept in
+    memory too (one key: memory and state cannot diverge) and written back when it changes."""
 
-    factory = Trending
     EVERY_MS = 200
+    REBUILD_MS = 5000
 
     def __init__(self, s: Settings) -> None:
         self.window_ms, self.size = s.window_seconds * 1000, s.trending_size
 
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.scores = runtime_context.get_map_state(
+            MapStateDescriptor("scores", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+        self.meta = runtime_context.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
+        self.trending: Trending | None = None
+        self.ticks = Ticks(self.EVERY_MS)
+        self.last_rebuild = 0
+
+    def load(self) -> Trending:
+        if self.trending is None:  # first call after open(): read what a checkpoint restored
+            self.trending = Trending(self.scores)
+            self.trending.candidates, self.trending.newest, self.trending.dirty = self.meta.value() or ({}, 0, True)
+        return self.trending
+
+    def save(self, t: Trending) -> None:
+        self.meta.update((t.candidates, t.newest, t.dirty))
+
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         _, item, ts, payload = value
-        st: Trending = self.load()
-        st.update(item, json.loads(payload)["events"], ts)
-        self.state.update(st)
-        ctx.timer_service().register_processing_time_timer(
-            (ctx.timer_service().current_processing_time() // self.EVERY_MS + 1) * self.EVERY_MS)
+        t = self.load()
+        before = (t.newest, t.dirty, len(t.candidates), t.candidates.get(item))
+        t.update(item, json.loads(payload)["events"], ts, self.size)
+        if (t.newest, t.dirty, len(t.candidates), t.candidates.get(item)) != before:
+            self.save(t)
+        self.ticks.ensure(ctx, "all")
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
-        st: Trending = self.load()
-        top = st.top(self.size, self.window_ms)
-        self.state.update(st)
-        yield TRENDING_VIEW, "", st.newest, json.dumps(top)
+        self.ticks.fired("all")
+        t = self.load()
+        if t.needs_rebuild(self.window_ms) and timestamp - self.last_rebuild >= self.REBUILD_MS:
+            t.rebuild(self.size, self.window_ms)  # scans every item: rate-limited
+            self.last_rebuild = timestamp
+            self.save(t)
+        yield TRENDING_VIEW, "", t.newest, json.dumps(t.top(self.size, self.window_ms))
 
 
-class FeastSink(MapFunction):
-    """Writes each row to Redis before passing it on: a checkpoint barrier that follows a row
-    follows its write too, so a restored job never misses one (rewrites are idempotent)."""
+class FeastSink(KeyedProcessFunction):
+    """Buffers feature rows and writes them to Redis in pipelined batches every
+    FRESHREC_SINK_FLUSH_MS. The buffer is keyed state, so a checkpoint holds the rows not yet
+    written and a restored job writes them; a newer row of the same entity replaces a waiting
+    one in Redis. The feature log (the offline store's input) gets every row, unmerged, so
+    point-in-time reads see each value an entity had."""
 
     def __init__(self, s: Settings) -> None:
         self.settings = s
@@ -182,25 +257,50 @@ class FeastSink(MapFunction):
         from connectors.feast_redis import FeastRedisWriter
         from features.definitions import FEATURE_VIEWS
 
+        self.buffer = runtime_context.get_map_state(
+            MapStateDescriptor("buffer", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
         self.client = redis.Redis.from_url(self.settings.redis_url)
         self.writer = FeastRedisWriter(self.client, self.settings.feast_project, FEATURE_VIEWS)
         self.trending_key = trending_key(self.settings.feast_project)
+        self.ticks = Ticks(self.settings.sink_flush_ms)
 
-    def map(self, value: tuple) -> str:
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         view, entity, ts, payload = value
+        self.buffer.put(f"{view}\x00{entity}", value)
+        self.ticks.ensure(ctx, self.shard(entity, self.settings.parallelism))
+        if view != TRENDING_VIEW:
+            yield f'{{"view":"{view}","entity":{json.dumps(entity)},"ts":{ts},"values":{payload}}}'
+
+    @staticmethod
+    def shard(entity: str, parallelism: int) -> int:
+        """The buffer a row waits in: a few per subtask, so batches stay large but spread."""
+        return zlib.crc32(entity.encode()) % (4 * parallelism)  # not hash(): keys must survive a restart
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
+        self.ticks.fired(ctx.get_current_key())
+        rows = [(view, entity, ts, json.loads(payload)) for view, entity, ts, payload in self.buffer.values()]
+        step = self.settings.sink_batch_rows
+        for i in range(0, len(rows), step):
+            self._write(rows[i:i + step])
+        self.buffer.clear()
+        return []
+
+    def _write(self, rows: list[tuple[str, str, int, Any]]) -> None:
         for attempt in range(8):
             try:
-                if view == TRENDING_VIEW:
-                    self.client.set(self.trending_key, json.dumps({"ts": ts, "items": json.loads(payload)}))
-                else:
-                    self.writer.write([(view, entity, ts, json.loads(payload))])
-                break
+                features = []
+                for row in rows:
+                    if row[0] == TRENDING_VIEW:
+                        self.client.set(self.trending_key, json.dumps({"ts": row[2], "items": row[3]}))
+                    else:
+                        features.append(row)
+                self.writer.write(features)
+                return
             except (OSError, ConnectionError) as exc:
                 # Redis restarting: back off, then fail the task so Flink restarts from a checkpoint.
                 if attempt == 7:
                     raise RuntimeError(f"Redis unreachable at {self.settings.redis_url}: {exc}") from exc
                 time.sleep(min(0.1 * 2**attempt, 5))
-        return json.dumps({"view": view, "entity": entity, "ts": ts, "values": json.loads(payload)})
 
 
 def _kafka_sink(s: Settings, topic: str) -> KafkaSink:
@@ -231,19 +331,20 @@ def build(env: Any, s: Settings) -> None:
     events = raw.process(ParseEvents(s.allowed_lateness_ms), output_type=EVENT).name("parse")
     events.get_side_output(DLQ).sink_to(_kafka_sink(s, s.dlq_topic)).name("dlq")
 
-    by_user = events.key_by(lambda e: e[1], key_type=Types.STRING())
-    by_item = events.key_by(lambda e: e[2], key_type=Types.STRING())
-    users = by_user.process(UserFeatures(s), output_type=ROW).name("user_recent")
-    items = by_item.process(ItemFeatures(s), output_type=ROW).name("item_recent")
-    pairs = (events.filter(lambda e: e[3] == "view")
-             .key_by(lambda e: e[1], key_type=Types.STRING())
-             .process(CoVisitPairs(s), output_type=PAIR).name("covisit_pairs"))
-    covisit = (pairs.key_by(lambda p: p[0], key_type=Types.STRING())
+    users = (events.key_by(lambda e: e[1], key_type=Types.STRING())
+             .process(UserFeatures(s), output_type=ROW).name("user_recent"))
+    new_events = users.get_side_output(NEW_EVENTS)
+    items = (new_events.key_by(lambda e: e[2], key_type=Types.STRING())
+             .process(ItemFeatures(s), output_type=ROW).name("item_recent"))
+    covisit = (users.get_side_output(PAIRS).key_by(lambda p: p[0], key_type=Types.STRING())
                .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit"))
     trending = (items.key_by(lambda r: "all", key_type=Types.STRING())
                 .process(TrendingItems(s), output_type=ROW).name("trending"))
 
-    written = users.union(items, covisit, trending).map(FeastSink(s), output_type=Types.STRING()).name("feast")
+    parallelism = s.parallelism
+    written = (users.union(items, covisit, trending)
+               .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
+               .process(FeastSink(s), output_type=Types.STRING()).name("feast"))
     written.sink_to(_kafka_sink(s, feature_log_topic(s))).name("feature_log")
 
 

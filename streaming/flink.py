@@ -55,6 +55,8 @@ def environment(settings: Settings, name: str, restore: bool = True):  # noqa: A
     conf.set_string("execution.checkpointing.num-retained", "2")
     conf.set_string("state.backend.type", settings.state_backend)
     conf.set_string("restart-strategy.type", "exponential-delay")
+    # Network buffers ship when full or after this long; Flink's 100 ms default is a latency floor per hop.
+    conf.set_string("execution.buffer-timeout.interval", "5 ms")
     conf.set_string("rest.bind-address", "127.0.0.1")
     checkpoint = latest_checkpoint(root) if restore else None
     if checkpoint is not None:

@@ -1,30 +1,38 @@
 """Per-entity feature state, in event time, independent of arrival order.
 
-Each state keeps the events of one entity inside a sliding event-time window ending at the
-newest event seen, ``(newest - window, newest]``. Values are updated on every arriving event
-(no waiting for a watermark, so features are fresh within milliseconds), and the value after
+Windowed counts use fixed panes (``pane_ms``): the window of an entity is the ``window_ms``
+of panes ending with the pane of its newest event, i.e. Flink's hopping window
+``HOP(ts, pane, window)`` that contains the entity's newest event. Values are updated on
+every arriving event (no waiting for a watermark, so features are fresh within
+milliseconds), state stays the same small size however busy an entity is, and the value after
 a set of events does not depend on the order they arrived in: replaying a log, restoring a
-checkpoint or receiving events out of order all end at the same numbers. Events are
-de-duplicated by ``event_id`` while they are in the window.
+checkpoint or receiving events out of order all end at the same numbers.
+
+Duplicates (same ``event_id``) are dropped by the user's state while they are within
+``dedup_ms`` of the user's newest event (the job sets it to allowed lateness + out-of-orderness,
+so any duplicate the job does not refuse as late is caught); everything downstream of the user
+sees each event once.
 
 These classes are plain Python so that the Flink job and a batch run share one
 implementation.
 
+>>> spec = Spec(window_ms=10_000, pane_ms=1_000, last_n=2)
 >>> u = UserState()
->>> for ts, item in [(1000, "a"), (3000, "b"), (2000, "c")]:
-...     _ = u.add(Ev(f"e{ts}", "u1", item, "view", ts, "cat1"), window_ms=10_000, last_n=2)
->>> f = u.features(top_k=1)
+>>> for ts, item in [(1000, "a"), (3000, "b"), (2000, "c"), (2000, "c")]:
+...     _ = u.add(Ev(f"e{ts}", "u1", item, "view", ts, "cat1"), spec)
+>>> f = u.features(spec)
 >>> f["last_viewed_items"], f["views"], f["top_categories"]
 (['b', 'c'], 3, ['cat1'])
 """
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left
-from collections import Counter
 from typing import NamedTuple
 
 from connectors.schema import BEHAVIORS
+from freshrec.config import Settings
 
 
 class Ev(NamedTuple):
@@ -38,84 +46,145 @@ class Ev(NamedTuple):
     category_id: str
 
 
-def _insert(window: list, entry: tuple) -> bool:
-    i = bisect_left(window, entry)
-    if i < len(window) and window[i] == entry:
-        return False
-    window.insert(i, entry)
-    return True
+class Spec(NamedTuple):
+    """The knobs of every state below, in milliseconds where they are times."""
+
+    window_ms: int = 3_600_000
+    pane_ms: int = 60_000
+    last_n: int = 20
+    top_categories: int = 3
+    dedup_ms: int = 602_000
+    covisit_gap_ms: int = 1_800_000
+    covisit_keep_ms: int = 2_400_000
+    covisit_max_views: int = 50
+    covisit_window_ms: int = 86_400_000
+    covisit_pane_ms: int = 3_600_000
+    covisit_top_k: int = 20
+
+    @classmethod
+    def of(cls, s: Settings) -> Spec:
+        return cls(
+            window_ms=s.window_seconds * 1000,
+            pane_ms=s.window_pane_seconds * 1000,
+            last_n=s.last_n,
+            top_categories=s.top_categories,
+            dedup_ms=s.allowed_lateness_ms + s.out_of_orderness_ms,
+            covisit_gap_ms=s.covisit_gap_seconds * 1000,
+            # Views a late event could still pair with.
+            covisit_keep_ms=s.covisit_gap_seconds * 1000 + s.allowed_lateness_ms,
+            covisit_max_views=s.covisit_max_views,
+            covisit_window_ms=s.covisit_window_seconds * 1000,
+            covisit_pane_ms=s.covisit_pane_seconds * 1000,
+            covisit_top_k=s.covisit_top_k,
+        )
 
 
-def _evict(window: list, horizon: int) -> list:
-    """Entries with ts <= horizon leave the window."""
-    cut = bisect_left(window, (horizon + 1,))
-    return window[cut:] if cut else window
+def _top(totals: dict[str, int], k: int) -> list[tuple[str, int]]:
+    """The k largest counts; ties broken by key, so the answer is deterministic."""
+    return heapq.nsmallest(k, totals.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
-class WindowState:
-    """Sorted ``(ts, event_id, ...)`` entries within the window ending at the newest ts."""
+class PaneCounts:
+    """Counts per key in the panes of one hopping window, and their running totals.
 
-    __slots__ = ("newest", "window")
+    >>> c = PaneCounts()
+    >>> [c.add(ts, "view", pane_ms=10, window_ms=30) for ts in (5, 12, 35, 3)]
+    [True, True, True, False]
+    >>> c.totals  # the pane of ts=5 left the window when ts=35 arrived
+    {'view': 2}
+    """
+
+    __slots__ = ("newest", "panes", "totals")
+
+    def __init__(self) -> None:
+        self.newest = -1  # newest pane index
+        self.panes: dict[int, dict[str, int]] = {}
+        self.totals: dict[str, int] = {}
+
+    def add(self, ts: int, key: str, pane_ms: int, window_ms: int) -> bool:
+        """Count one event; False when it falls before the window."""
+        pane, span = ts // pane_ms, window_ms // pane_ms
+        if pane <= self.newest - span:
+            return False
+        if pane > self.newest:
+            self.newest = pane
+            self._evict(pane - span)
+        bucket = self.panes.setdefault(pane, {})
+        bucket[key] = bucket.get(key, 0) + 1
+        self.totals[key] = self.totals.get(key, 0) + 1
+        return True
+
+    def _evict(self, horizon: int) -> None:
+        for pane in [p for p in self.panes if p <= horizon]:
+            for key, n in self.panes.pop(pane).items():
+                left = self.totals[key] - n
+                if left:
+                    self.totals[key] = left
+                else:
+                    del self.totals[key]
+
+
+class UserState:
+    """Recent behavior counts, last-N viewed items and top categories of one user."""
+
+    __slots__ = ("categories", "counts", "newest", "seen", "views")
 
     def __init__(self) -> None:
         self.newest = 0
-        self.window: list[tuple] = []
-
-    def insert(self, entry: tuple, window_ms: int) -> bool:
-        ts = entry[0]
-        newest = max(self.newest, ts)
-        changed = ts > newest - window_ms and _insert(self.window, entry)
-        if newest > self.newest:
-            self.newest = newest
-            self.window = _evict(self.window, newest - window_ms)
-            changed = True
-        return changed
-
-
-class UserState(WindowState):
-    """Recent behavior counts, last-N viewed items and top categories of one user."""
-
-    __slots__ = ("views",)
-
-    def __init__(self) -> None:
-        super().__init__()
+        self.seen: dict[str, int] = {}  # event_id -> ts, for de-duplication
+        self.counts = PaneCounts()
+        self.categories = PaneCounts()
         self.views: list[tuple[int, str, str]] = []  # the last N views ever: (ts, event_id, item)
 
-    def add(self, ev: Ev, window_ms: int, last_n: int) -> bool:
-        """Fold one event in; False when it changes nothing (a duplicate or too old)."""
-        changed = self.insert((ev.ts, ev.event_id, ev.behavior, ev.category_id), window_ms)
+    def add(self, ev: Ev, spec: Spec) -> bool:
+        """Fold one event in; False for a duplicate (then nothing downstream should see it)."""
+        if ev.event_id in self.seen:
+            return False
+        if ev.ts > self.newest:
+            self.newest = ev.ts
+            horizon = ev.ts - spec.dedup_ms
+            self.seen = {eid: ts for eid, ts in self.seen.items() if ts >= horizon}
+        if ev.ts >= self.newest - spec.dedup_ms:
+            self.seen[ev.event_id] = ev.ts
+        self.counts.add(ev.ts, ev.behavior, spec.pane_ms, spec.window_ms)
+        if ev.category_id:
+            self.categories.add(ev.ts, ev.category_id, spec.pane_ms, spec.window_ms)
         if ev.behavior == "view":
             view = (ev.ts, ev.event_id, ev.item_id)
-            if (len(self.views) < last_n or view > self.views[0]) and _insert(self.views, view):
-                del self.views[:-last_n]
-                changed = True
-        return changed
+            if len(self.views) < spec.last_n or view > self.views[0]:
+                self.views.insert(bisect_left(self.views, view), view)
+                del self.views[:-spec.last_n]
+        return True
 
-    def features(self, top_k: int) -> dict[str, object]:
-        counts = Counter(e[2] for e in self.window)
-        cats = Counter(e[3] for e in self.window if e[3])
-        out: dict[str, object] = {f"{b}s": counts.get(b, 0) for b in BEHAVIORS}
+    def features(self, spec: Spec) -> dict[str, object]:
+        totals = self.counts.totals
+        out: dict[str, object] = {f"{b}s": totals.get(b, 0) for b in BEHAVIORS}
         out["last_viewed_items"] = [item for _, _, item in reversed(self.views)]
-        out["top_categories"] = [c for c, _ in sorted(cats.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]]
+        out["top_categories"] = [c for c, _ in _top(self.categories.totals, spec.top_categories)]
         return out
 
 
-class ItemState(WindowState):
+class ItemState:
     """Recent views, carts, buys and the buy rate of one item."""
 
-    __slots__ = ()
+    __slots__ = ("counts", "newest")
 
-    def add(self, ev: Ev, window_ms: int) -> bool:
-        return self.insert((ev.ts, ev.event_id, ev.behavior), window_ms)
+    def __init__(self) -> None:
+        self.newest = 0
+        self.counts = PaneCounts()
+
+    def add(self, ev: Ev, spec: Spec) -> bool:
+        self.newest = max(self.newest, ev.ts)
+        return self.counts.add(ev.ts, ev.behavior, spec.pane_ms, spec.window_ms)
 
     def features(self) -> dict[str, object]:
-        counts = Counter(e[2] for e in self.window)
-        views, buys = counts.get("view", 0), counts.get("buy", 0)
+        totals = self.counts.totals
+        views, buys = totals.get("view", 0), totals.get("buy", 0)
         return {
             "views": views,
-            "carts": counts.get("cart", 0),
+            "carts": totals.get("cart", 0),
             "buys": buys,
-            "events": len(self.window),
+            "events": sum(totals.values()),
             "buy_rate": buys / views if views else 0.0,
         }
 
@@ -123,63 +192,118 @@ class ItemState(WindowState):
 class RecentViews:
     """A user's views kept long enough to pair each new view with those near it in time."""
 
-    __slots__ = ("views", "newest")
+    __slots__ = ("newest", "views")
 
     def __init__(self) -> None:
         self.views: list[tuple[int, str, str]] = []  # (ts, event_id, item)
         self.newest = 0
 
-    def add(self, ev: Ev, gap_ms: int, keep_ms: int, max_views: int) -> list[tuple[str, str, int, str]]:
-        """Record a view; return the new co-visit pairs ``(item, other, ts, pair_id)``, both ways."""
+    def add(self, ev: Ev, spec: Spec) -> list[tuple[str, str, int]]:
+        """Record a view; return the new co-visit pairs ``(item, other, ts)``, both ways."""
         view = (ev.ts, ev.event_id, ev.item_id)
-        if not _insert(self.views, view):
+        i = bisect_left(self.views, view)
+        if i < len(self.views) and self.views[i] == view:
             return []
+        self.views.insert(i, view)
         pairs = []
-        for ts, eid, item in self.views:
-            if item != ev.item_id and abs(ts - ev.ts) <= gap_ms:
-                pair_id = "|".join(sorted((eid, ev.event_id)))
+        for ts, _, item in self.views:
+            if item != ev.item_id and abs(ts - ev.ts) <= spec.covisit_gap_ms:
                 at = max(ts, ev.ts)
-                pairs.append((ev.item_id, item, at, pair_id))
-                pairs.append((item, ev.item_id, at, pair_id))
+                pairs.append((ev.item_id, item, at))
+                pairs.append((item, ev.item_id, at))
         self.newest = max(self.newest, ev.ts)
-        # Keep views a late event could still pair with, bounded so a bot cannot grow state.
-        self.views = _evict(self.views, self.newest - keep_ms)[-max_views:]
+        # Bounded, so a bot cannot grow state (the one place where order can matter).
+        cut = bisect_left(self.views, (self.newest - spec.covisit_keep_ms + 1,))
+        self.views = self.views[cut:][-spec.covisit_max_views:]
         return pairs
 
 
-class Neighbours(WindowState):
-    """Co-visitation counts of one item with others, within the window."""
+class Neighbours:
+    """Co-visitation counts of one item with others, within the co-visit window."""
 
-    __slots__ = ()
+    __slots__ = ("counts", "newest")
 
-    def add(self, other: str, ts: int, pair_id: str, window_ms: int) -> bool:
-        return self.insert((ts, pair_id, other), window_ms)
+    def __init__(self) -> None:
+        self.newest = 0
+        self.counts = PaneCounts()
 
-    def features(self, top_k: int) -> dict[str, object]:
-        counts = Counter(e[2] for e in self.window)
-        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+    def add(self, other: str, ts: int, spec: Spec) -> bool:
+        self.newest = max(self.newest, ts)
+        return self.counts.add(ts, other, spec.covisit_pane_ms, spec.covisit_window_ms)
+
+    def features(self, spec: Spec) -> dict[str, object]:
+        top = _top(self.counts.totals, spec.covisit_top_k)
         return {"neighbours": [i for i, _ in top], "neighbour_counts": [c for _, c in top]}
 
 
+class ScoreMap(dict):
+    """A dict with the few calls of a Flink ``MapState`` (which the job passes instead)."""
+
+    def put(self, key: str, value: tuple[int, int]) -> None:
+        self[key] = value
+
+    def remove(self, key: str) -> None:
+        del self[key]
+
+
 class Trending:
-    """Items ranked by their events in the window, as of each item's newest event."""
+    """Items ranked by their events in the window, as of each item's newest event.
 
-    __slots__ = ("scores", "newest")
+    Every item's score lives in ``scores`` (a Flink MapState in the job: one small write per
+    update instead of re-serializing every item); ``candidates`` keeps the best
+    ``slack * k`` so that ranking costs no scan. A full scan (:meth:`rebuild`) runs only when a
+    candidate lost score or went quiet, at most every few seconds (the job decides).
 
-    def __init__(self) -> None:
-        self.scores: dict[str, tuple[int, int]] = {}  # item -> (events in window, newest ts)
+    >>> t = Trending(ScoreMap())
+    >>> for item, events, ts in [("a", 3, 10), ("b", 5, 20), ("c", 1, 30), ("a", 4, 40)]:
+    ...     t.update(item, events, ts, k=2)
+    >>> t.top(2, window_ms=100)
+    [('b', 5), ('a', 4)]
+    """
+
+    __slots__ = ("candidates", "dirty", "newest", "scores")
+
+    def __init__(self, scores: ScoreMap) -> None:
+        self.scores = scores  # item -> (events in window, newest ts)
+        self.candidates: dict[str, tuple[int, int]] = {}
         self.newest = 0
+        self.dirty = False
 
-    def update(self, item: str, events: int, ts: int) -> None:
+    def update(self, item: str, events: int, ts: int, k: int, slack: int = 2) -> None:
         prev = self.scores.get(item)
-        if prev is None or ts >= prev[1]:
-            self.scores[item] = (events, ts)
+        if prev is not None and ts < prev[1]:
+            return
+        self.scores.put(item, (events, ts))
         self.newest = max(self.newest, ts)
+        if item in self.candidates:
+            self.dirty |= events < self.candidates[item][0]
+            self.candidates[item] = (events, ts)
+        elif len(self.candidates) < slack * k or events > min(v[0] for v in self.candidates.values()):
+            self.candidates[item] = (events, ts)
+            if len(self.candidates) > slack * k:
+                del self.candidates[min(self.candidates, key=lambda i: (self.candidates[i][0], i))]
+
+    def rebuild(self, k: int, window_ms: int, slack: int = 2) -> None:
+        """Scan every score: forget items gone quiet, pick the candidates afresh."""
+        horizon = self.newest - window_ms
+        live: dict[str, tuple[int, int]] = {}
+        for item, value in list(self.scores.items()):
+            if value[1] <= horizon:
+                self.scores.remove(item)
+            else:
+                live[item] = value
+        best = heapq.nsmallest(slack * k, live.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        self.candidates = dict(best)
+        self.dirty = False
+
+    def needs_rebuild(self, window_ms: int) -> bool:
+        horizon = self.newest - window_ms
+        return self.dirty or any(ts <= horizon for _, ts in self.candidates.values())
 
     def top(self, k: int, window_ms: int) -> list[tuple[str, int]]:
+        """Exact after :meth:`rebuild`; until the next one, an item whose candidate lost score
+        may rank above one outside the candidates (the job rebuilds every few seconds)."""
         horizon = self.newest - window_ms
-        stale = [i for i, (_, ts) in self.scores.items() if ts <= horizon]
-        for item in stale:
-            del self.scores[item]
-        ranked = sorted(self.scores.items(), key=lambda kv: (-kv[1][0], kv[0]))[:k]
+        live = [kv for kv in self.candidates.items() if kv[1][1] > horizon]
+        ranked = sorted(live, key=lambda kv: (-kv[1][0], kv[0]))[:k]
         return [(item, score) for item, (score, _) in ranked]

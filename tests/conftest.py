@@ -70,6 +70,7 @@ def make_settings(broker: Service, redis_server: Service, workdir: Path) -> Call
             state_dir=workdir / name,
             checkpoint_interval_ms=1000,
             window_seconds=120,
+            window_pane_seconds=10,
             idle_timeout_ms=3000,  # short for tests; too short makes catch-up reads look late
             out_of_orderness_ms=500,
         )
@@ -87,6 +88,9 @@ class JobProcess:
         self.settings = settings
         self.proc = start_feature_job(settings, settings.state_dir)
         self.log = settings.state_dir / "feature_job.log"
+        # Fail fast on a job that cannot even be built, instead of timing out in the test.
+        wait_until(lambda: self.check_alive() or "[freshrec-features] reading" in self.log.read_text(), 120,
+                   "the feature job to start")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:

@@ -14,6 +14,7 @@ from connectors.simulator import simulate
 from features.store import feature_store
 from freshrec.config import Settings
 from serving.app import create_app
+from streaming.state import Spec
 from tests.conftest import wait_until
 from tests.expected import item_features, user_features
 
@@ -42,9 +43,9 @@ def test_features_match_independent_counts(shared: Settings, reader: FeastRedisR
     produce(shared, events)
     users = sorted({e.user_id for e in events})
     items = sorted({e.item_id for e in events})
-    w, n = shared.window_seconds * 1000, shared.last_n
-    want_users = {u: user_features(events, u, w, n) for u in users}
-    want_items = {i: item_features(events, i, w) for i in items}
+    spec = Spec.of(shared)
+    want_users = {u: user_features(events, u, spec) for u in users}
+    want_items = {i: item_features(events, i, spec) for i in items}
 
     def settled() -> bool:
         got = reader.read([("user_recent", u) for u in users] + [("item_recent", i) for i in items])

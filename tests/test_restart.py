@@ -10,6 +10,7 @@ import redis
 from connectors.feast_redis import FeastRedisReader
 from features.definitions import FEATURE_VIEWS
 from streaming.flink import checkpoint_root, latest_checkpoint
+from streaming.state import Spec
 from tests.conftest import JobProcess, wait_until
 from tests.expected import user_features
 from tests.test_pipeline import generated, produce
@@ -42,8 +43,7 @@ def test_killed_job_resumes_from_checkpoint(make_settings, shared, reader) -> No
         job.kill(signal.SIGKILL)
         produce(s, events[900:])
         job = JobProcess(s)  # resumes from the newest retained checkpoint
-        w, n = s.window_seconds * 1000, s.last_n
-        expected = [user_features(events, u, w, n) for u in users]
+        expected = [user_features(events, u, Spec.of(s)) for u in users]
         wait_until(lambda: [{k: (r or {}).get(k) for k in e} for e, r in
                             zip(expected, reader.read([("user_recent", u) for u in users]), strict=True)] == expected,
                    120, "the uninterrupted run to finish")

@@ -12,7 +12,7 @@ from connectors.replay import Pacer
 from connectors.schema import InvalidEvent, validate
 from connectors.simulator import simulate
 from freshrec.config import ConfigError, Settings
-from streaming.state import Ev, ItemState, Neighbours, RecentViews, UserState
+from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
 
 NOW = 1_800_000_000_000
 
@@ -87,16 +87,20 @@ def test_config_from_env_and_errors() -> None:
         Pacer(speed=2, rate=3)
 
 
+SPEC = Spec(window_ms=600_000, pane_ms=60_000, last_n=5, top_categories=2, dedup_ms=10**9,
+            covisit_gap_ms=60_000, covisit_keep_ms=10**9, covisit_max_views=10**6, covisit_window_ms=3_600_000,
+            covisit_pane_ms=600_000, covisit_top_k=5)
+
+
 def _fold(events: list[Ev]) -> tuple:
     user, item, views, neigh = UserState(), ItemState(), RecentViews(), {}
     for e in events:
-        user.add(e, window_ms=600_000, last_n=5)
-        item.add(e, window_ms=600_000)
-        for a, b, ts, pid in views.add(e, gap_ms=60_000, keep_ms=10**9, max_views=10**6) if e.behavior == "view" \
-                else []:
-            neigh.setdefault(a, Neighbours()).add(b, ts, pid, window_ms=3_600_000)
-    return (user.features(top_k=2), item.features(),
-            {k: v.features(top_k=5) for k, v in sorted(neigh.items())})
+        if not user.add(e, SPEC):
+            continue  # a duplicate: the job forwards only new events
+        item.add(e, SPEC)
+        for a, b, ts in views.add(e, SPEC) if e.behavior == "view" else []:
+            neigh.setdefault(a, Neighbours()).add(b, ts, SPEC)
+    return (user.features(SPEC), item.features(), {k: v.features(SPEC) for k, v in sorted(neigh.items())})
 
 
 def test_state_is_independent_of_arrival_order_and_duplicates() -> None:
@@ -107,7 +111,23 @@ def test_state_is_independent_of_arrival_order_and_duplicates() -> None:
     random.Random(1).shuffle(shuffled)
     assert _fold(shuffled) == ordered
     user = ordered[0]
-    horizon = events[-1].ts - 600_000
-    assert user["views"] == sum(1 for e in events if e.behavior == "view" and e.ts > horizon)
+    first_pane = events[-1].ts // 60_000 - 9
+    assert user["views"] == sum(1 for e in events if e.behavior == "view" and e.ts // 60_000 >= first_pane)
     assert len(user["last_viewed_items"]) == 5
     assert ordered[2], "co-visitation found no pairs in a session-structured log"
+
+
+def test_trending_candidates_match_a_full_ranking() -> None:
+    rng = random.Random(3)
+    t = Trending(ScoreMap())
+    truth: dict[str, tuple[int, int]] = {}
+    for ts in range(2000):
+        item, events = f"i{rng.randrange(300)}", rng.randrange(1, 50)
+        t.update(item, events, ts, k=10)
+        if item not in truth or ts >= truth[item][1]:
+            truth[item] = (events, ts)
+        if ts % 97 == 0:
+            t.rebuild(10, window_ms=500)
+            live = {i: v for i, v in truth.items() if v[1] > ts - 500}
+            want = sorted(live.items(), key=lambda kv: (-kv[1][0], kv[0]))[:10]
+            assert t.top(10, window_ms=500) == [(i, v[0]) for i, v in want]
