@@ -47,7 +47,7 @@ from features.definitions import trending_key
 from freshrec.config import Settings
 from jobs.topics import feature_log_topic
 from streaming.flink import environment
-from streaming.state import Ev, ItemState, Neighbours, RecentViews, Spec, Trending, UserState
+from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
 
 JOB_NAME = "freshrec-features"
 
@@ -196,8 +196,9 @@ class CoVisitNeighbours(_Keyed):
 
 class TrendingItems(KeyedProcessFunction):
     """One global list (a single key), recomputed at most every 200 ms. Item scores sit in a
-    MapState, so an update writes one entry, not the whole list; the small rest is kept in
-    memory too (one key: memory and state cannot diverge) and written back when it changes."""
+    MapState, so an update writes one entry, not the whole list; they and the small rest are
+    kept in memory too (one key: memory and state cannot diverge), the rest written back when
+    it changes."""
 
     EVERY_MS = 200
     REBUILD_MS = 5000
@@ -215,7 +216,7 @@ class TrendingItems(KeyedProcessFunction):
 
     def load(self) -> Trending:
         if self.trending is None:  # first call after open(): read what a checkpoint restored
-            self.trending = Trending(self.scores)
+            self.trending = Trending(ScoreMap(self.scores))
             self.trending.candidates, self.trending.newest, self.trending.dirty = self.meta.value() or ({}, 0, True)
         return self.trending
 

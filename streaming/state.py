@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from connectors.schema import BEHAVIORS
 from freshrec.config import Settings
@@ -237,20 +237,33 @@ class Neighbours:
 
 
 class ScoreMap(dict):
-    """A dict with the few calls of a Flink ``MapState`` (which the job passes instead)."""
+    """Scores in memory, written through to a Flink ``MapState`` when given one.
+
+    The trending operator has a single key, so memory and state cannot diverge: reads and a
+    rebuild's full scan stay in Python (a scan of the MapState crosses into Java once per
+    item and stalled the job for seconds), and a restored job reloads the state once.
+    """
+
+    def __init__(self, backing: Any = None) -> None:
+        super().__init__(backing.items() if backing is not None else ())
+        self.backing = backing
 
     def put(self, key: str, value: tuple[int, int]) -> None:
         self[key] = value
+        if self.backing is not None:
+            self.backing.put(key, value)
 
     def remove(self, key: str) -> None:
         del self[key]
+        if self.backing is not None:
+            self.backing.remove(key)
 
 
 class Trending:
     """Items ranked by their events in the window, as of each item's newest event.
 
-    Every item's score lives in ``scores`` (a Flink MapState in the job: one small write per
-    update instead of re-serializing every item); ``candidates`` keeps the best
+    Every item's score lives in ``scores`` (backed by a Flink MapState in the job: one small
+    write per update instead of re-serializing every item); ``candidates`` keeps the best
     ``slack * k`` so that ranking costs no scan. A full scan (:meth:`rebuild`) runs only when a
     candidate lost score or went quiet, at most every few seconds (the job decides).
 
