@@ -139,8 +139,11 @@ class EventProducer:
             except KafkaError as exc:
                 raise BrokerError(f"the broker did not accept a record: {exc}") from exc
 
-    def flush(self) -> None:
-        self._producer.flush()
+    def flush(self, timeout_s: float = 60.0) -> None:
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError as exc:
+            raise BrokerError(f"the broker did not acknowledge records within {timeout_s:.0f}s: {exc}") from exc
         self._check(self._futures)
         self._futures.clear()
 
@@ -148,8 +151,23 @@ class EventProducer:
         self.flush()
         self._producer.close()
 
+    def abort(self) -> None:
+        """Close without waiting on a broker that may be gone (records still in flight are dropped)."""
+        try:
+            self._producer.close(timeout=2)
+        except KafkaError:
+            # kafka-python's close() flushes first and raises when that times out, leaving its
+            # network thread running and a close() in __del__ that raises again: end both here.
+            sender = getattr(self._producer, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            self._producer._closed = True
+
     def __enter__(self) -> EventProducer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # interrupted or failed: don't hang on a flush
+            self.abort()

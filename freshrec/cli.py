@@ -195,17 +195,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = "up"
         except ProcessLookupError:
             state = "DOWN"
-        print(f"{name:12} {state:5} pid {pid}")
+        print(f"{name:14} {state:5} pid {pid}")
     try:
         client = redis.Redis.from_url(s.redis_url, socket_timeout=1)
-        print(f"{'redis keys':12} {client.dbsize()}")
+        print(f"{'redis keys':14} {client.dbsize()}")
     except redis.RedisError as exc:
-        print(f"{'redis':12} unreachable: {exc}")
+        print(f"{'redis':14} unreachable: {exc}")
     try:
         httpx.get(doc["api"] + "/healthz", timeout=1).raise_for_status()
-        print(f"{'api':12} healthy at {doc['api']}")
+        print(f"{'api':14} healthy at {doc['api']}")
     except httpx.HTTPError as exc:
-        print(f"{'api':12} not answering: {exc}")
+        print(f"{'api':14} not answering: {exc}")
     return 0
 
 

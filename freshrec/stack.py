@@ -40,23 +40,49 @@ def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subp
                                 cwd=PROJECT_ROOT, start_new_session=True)
 
 
-def stop_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def stop_groups(pids: list[int], timeout: float = 10.0) -> None:
+    """SIGTERM the process groups all at once (so their shutdowns overlap), then SIGKILL
+    whatever is left after ``timeout``: a JVM can take that long to run its shutdown hooks."""
+    alive = []
+    for pid in pids:
         try:
-            os.killpg(pid, 0)
+            os.killpg(pid, signal.SIGTERM)
+            alive.append(pid)
         except ProcessLookupError:
-            return
+            pass
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        alive = [pid for pid in alive if _alive(pid, group=True)]
+    for pid in alive:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int, group: bool = False) -> bool:
+    """Whether the process, or any process of its group, still runs. Zombies don't count: a
+    parent other than us may never reap them."""
+    if not Path("/proc").is_dir():  # not Linux: signal 0 it is (zombies count there)
+        try:
+            (os.killpg if group else os.kill)(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    stats = Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]
+    for stat in stats:
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if state != "Z" and (int(pgrp) == pid or not group):
+            return True
+    return False
+
+
+def stop_group(pid: int, timeout: float = 10.0) -> None:
+    stop_groups([pid], timeout)
 
 
 def start_feature_job(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
@@ -132,7 +158,8 @@ class Stack:
     def save(self) -> None:
         doc = {"settings": self.settings.to_env(), "api": self.api_url,
                "pids": {name: p.pid for name, p in self.procs.items()}
-               | {s.name: s.proc.pid for s in self.services}, "started": time.time()}
+               | {s.name: s.proc.pid for s in self.services},
+               "services": [s.name for s in self.services], "owner": os.getpid(), "started": time.time()}
         stack_file(self.settings).write_text(json.dumps(doc, indent=2))
 
     def dead(self) -> list[str]:
@@ -140,8 +167,8 @@ class Stack:
         return gone + [s.name for s in self.services if not s.alive()]
 
     def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            stop_group(proc.pid)
+        stop_groups([proc.pid for proc in self.procs.values()])
+        for proc in self.procs.values():
             proc.wait()
         for service in reversed(self.services):
             service.stop()
@@ -153,17 +180,28 @@ def running(state_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def down(state_dir: Path) -> list[str]:
-    """Stop a stack started by another ``freshrec up`` process; returns what was stopped."""
+def down(state_dir: Path, timeout: float = 60.0) -> list[str]:
+    """Stop a stack started by another ``freshrec up`` process; returns what was stopped.
+
+    The ``up`` process is asked first (SIGTERM), so that it stops its children in order and
+    reaps them; whatever is still running after ``timeout`` is stopped here.
+    """
     doc = running(state_dir)
     if doc is None:
         return []
-    stopped = []
-    for name, pid in doc["pids"].items():
-        stop_group(pid)
-        stopped.append(name)
+    owner = doc.get("owner")
+    if owner and _alive(owner):
+        os.kill(owner, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(owner) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    pids: dict[str, int] = doc["pids"]
+    services = set(doc.get("services", []))
+    # The jobs and the API first (together), then the broker and Redis they talk to.
+    stop_groups([pid for name, pid in pids.items() if name not in services])
+    stop_groups([pid for name, pid in pids.items() if name in services])
     (state_dir / "stack.json").unlink(missing_ok=True)
-    return stopped
+    return list(pids)
 
 
 def wait_port_free(port: int) -> None:

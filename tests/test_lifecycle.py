@@ -1,0 +1,60 @@
+"""Stopping: nothing hangs on a broker that is gone, and `freshrec down` leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from connectors.embedded import start_broker
+from connectors.kafka import BrokerError, EventProducer, ensure_topics
+from connectors.schema import validate
+from freshrec.stack import down
+
+
+def test_producer_does_not_hang_when_the_broker_goes(tmp_path: Path) -> None:
+    broker = start_broker(tmp_path)
+    bootstrap = f"127.0.0.1:{broker.port}"
+    ensure_topics(bootstrap, {"gone-events": 1, "gone-dlq": 1})
+    event = validate({"user_id": "u", "item_id": "i", "behavior": "view", "ts": int(time.time() * 1000)})
+    p = EventProducer(bootstrap, "gone-events", "gone-dlq")
+    p.send_valid(event)
+    p.flush()
+    broker.stop()
+
+    p.send_valid(event)
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="did not acknowledge records within 2s"):
+        p.flush(timeout_s=2)
+    with pytest.raises(KeyboardInterrupt), p:  # as on Ctrl-C during a replay
+        raise KeyboardInterrupt
+    assert time.monotonic() - started < 15
+
+
+def _child(code: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+
+
+def test_down_asks_the_owner_then_stops_what_is_left(tmp_path: Path) -> None:
+    marker = tmp_path / "owner-stopped"
+    # The `up` process: stops cleanly on SIGTERM, and says so.
+    owner = _child("import pathlib, signal, sys, time\n"
+                   f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(marker)!r}).touch(), sys.exit(0)))\n"
+                   "time.sleep(60)")
+    # A child it left behind that ignores SIGTERM, like a JVM running its shutdown hooks.
+    stubborn = _child("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)")
+    service = _child("import time\ntime.sleep(60)")
+    time.sleep(0.5)  # let them install their handlers
+    (tmp_path / "stack.json").write_text(json.dumps({
+        "pids": {"feature_job": stubborn.pid, "broker": service.pid}, "services": ["broker"], "owner": owner.pid}))
+
+    assert down(tmp_path) == ["feature_job", "broker"]
+    for proc in (owner, stubborn, service):
+        proc.wait(5)
+    assert marker.exists()
+    assert stubborn.returncode == -9 and service.returncode != 0
+    assert not (tmp_path / "stack.json").exists()
