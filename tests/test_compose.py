@@ -22,6 +22,10 @@ def test_compose_is_consistent_with_the_repo() -> None:
             assert (ROOT / svc["build"] / "Dockerfile").exists(), name
             assert set(svc["environment"]) <= known, f"{name} sets unknown FRESHREC_* variables"
             Settings.from_env({k: str(v) for k, v in svc["environment"].items()})  # values parse
+        command = svc.get("command", [])
+        if command[:2] == ["python", "-m"]:
+            module = ROOT / command[2].replace(".", "/")
+            assert module.with_suffix(".py").exists(), f"{name} runs missing module {command[2]}"
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
     for name in ("kafka", "redis", "api"):
