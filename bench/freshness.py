@@ -8,14 +8,17 @@ else the simulator with as many users as a real stream of that size has (see ``w
 2. Freshness: while --producers background processes replay the workload at --rate events/s
    in total (timestamps = the wall clock at sending, as in production), probe events (one new
    user each) are produced; we time event -> its features readable in Redis, and
-   event -> the API answering for that user as a known user. p50/p99 over --probes.
+   event -> the API answering for that user as a known user. p50/p99 over --probes, all sent
+   while the background load runs; a run stops early (kept_up: false) when a probe is not
+   visible within 30 s.
 
-    python bench/freshness.py [--events 100000] [--rate 2000] [--probes 200]
+    python bench/freshness.py [--events 100000] [--rate 1000 --rate 2000 ...] [--probes 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import platform
@@ -44,6 +47,11 @@ from jobs.topics import topic_plan
 from streaming.state import Ev, RecentViews, Spec
 
 RESULTS = Path(__file__).parent / "results"
+MAX_BACKGROUND_S = 400  # the longest a freshness run loads the job
+
+
+class BackgroundStats(ctypes.Structure):
+    _fields_ = [("ready", ctypes.c_int), ("rate", ctypes.c_double)]
 TAOBAO = Path(__file__).resolve().parent.parent.parent / "shared/data/taobao_userbehavior_timeslice_110k.csv"
 
 
@@ -78,20 +86,28 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def background(settings: Settings, part: int, producers: int, rate: float, seconds: float, sent: Any) -> None:
-    """One of ``producers`` processes replaying the workload at ``rate``/s, stamped with the wall clock."""
-    _, events = workload(int(rate * seconds), 0)
+def background(settings: Settings, part: int, producers: int, rate: float, stop: Any, sent: Any) -> None:
+    """One of ``producers`` processes replaying the workload at ``rate``/s in total, stamped with the
+    wall clock, until ``stop`` is set; adds its achieved rate to ``sent`` and counts itself in ``ready``."""
+    _, events = workload(int(rate * MAX_BACKGROUND_S), 0)
     mine = events[part::producers]
+    started = 0.0
 
     def stamped() -> Iterator[BehaviorEvent]:
+        nonlocal started
+        started = time.monotonic()
         for i, e in enumerate(mine):
+            if stop.is_set():
+                return
+            if i == 1000:
+                with sent.get_lock():
+                    sent.ready += 1
             yield replace(e, event_id=f"bg{part}-{i}", ts=int(time.time() * 1000))
 
     with EventProducer(settings.kafka_bootstrap, settings.events_topic, settings.dlq_topic) as p:
-        started = time.monotonic()
         stats = replay(stamped(), p, rate=rate / producers, progress=False)
-    with sent.get_lock():  # achieved rate, summed over the producers
-        sent.value += stats.accepted / (time.monotonic() - started)
+    with sent.get_lock():
+        sent.rate += stats.accepted / (time.monotonic() - started)
 
 
 def throughput(stack: Stack, n: int) -> dict[str, float]:
@@ -126,22 +142,30 @@ def throughput(stack: Stack, n: int) -> dict[str, float]:
             "seconds": round(done_at - first_at, 2), "events_per_s": round(n / (done_at - first_at))}
 
 
-def freshness(stack: Stack, rate: float, probes: int, producers: int) -> dict[str, Any]:
+def freshness(stack: Stack, rate: float, probes: int, producers: int, trace: bool = False) -> dict[str, Any]:
+    """Probe while the background load runs; stops early when a probe is not visible in 30 s."""
     s = stack.settings
     reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
     api = httpx.Client(base_url=stack.api_url)
-    seconds = probes * 0.25 + 30
     ctx = mp.get_context("spawn")
-    achieved = ctx.Value("d", 0.0)
-    bg = [ctx.Process(target=background, args=(s, k, producers, rate, seconds, achieved)) for k in range(producers)]
+    stop = ctx.Event()
+    sent = ctx.Value(BackgroundStats)
+    bg = [ctx.Process(target=background, args=(s, k, producers, rate, stop, sent)) for k in range(producers)]
     for proc in bg:
         proc.start()
-    time.sleep(10)  # let the background load reach its rate
-    bg_started = time.monotonic()
+    wait = time.monotonic() + 120
+    while sent.ready < producers and time.monotonic() < wait:  # each loads its workload first
+        time.sleep(0.2)
+    time.sleep(5)  # let the job meet the load
+    print(f"freshness: {probes} probes with {rate:.0f} events/s in the background", flush=True)
+    started = time.monotonic()
     to_redis: list[float] = []
     to_api: list[float] = []
+    kept_up = True
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, linger_ms=0) as p:
         for i in range(probes):
+            if time.monotonic() - started > MAX_BACKGROUND_S - 60:
+                break
             user = f"probe-{time.time_ns()}-{i}"
             t0 = time.perf_counter()
             p.send({"user_id": user, "item_id": "probe-item", "behavior": "view", "ts": int(time.time() * 1000)})
@@ -155,26 +179,41 @@ def freshness(stack: Stack, rate: float, probes: int, producers: int) -> dict[st
                     got_api = now
                 time.sleep(0.002)
             if got_redis is None or got_api is None:
-                raise SystemExit(f"probe {i} not visible after 30 s; is the job keeping up with {rate}/s?")
+                kept_up = False
+                print(f"probe {i} not visible after 30 s: the job is not keeping up with {rate:.0f}/s", flush=True)
+                break
             to_redis.append((got_redis - t0) * 1000)
             to_api.append((got_api - t0) * 1000)
+            if trace:
+                print(f"probe {i} at {time.monotonic() - started:.1f}s: {to_redis[-1]:.0f} ms", flush=True)
             time.sleep(0.2)
-    probing_s = time.monotonic() - bg_started
+    probing_s = time.monotonic() - started
+    stop.set()
     for proc in bg:
         proc.join()
-    return {"background_rate": rate, "background_rate_achieved": round(achieved.value),
+
+    def summary(xs: list[float]) -> dict[str, float]:
+        if not xs:
+            return {}
+        return {"p50": round(statistics.median(xs), 1), "p99": round(pct(xs, 99), 1), "max": round(max(xs), 1),
+                "over_1s": sum(x > 1000 for x in xs)}
+
+    return {"background_rate": rate, "background_rate_achieved": round(sent.rate),
             "background_producers": producers, "probing_seconds": round(probing_s, 1),
-            "probes": probes,
-            "event_to_redis_ms": {"p50": round(statistics.median(to_redis), 1), "p99": round(pct(to_redis, 99), 1)},
-            "event_to_api_ms": {"p50": round(statistics.median(to_api), 1), "p99": round(pct(to_api, 99), 1)}}
+            "probes": len(to_redis), "kept_up": kept_up,
+            "event_to_redis_ms": summary(to_redis), "event_to_api_ms": summary(to_api)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000)
-    ap.add_argument("--rate", type=float, default=2000)
+    ap.add_argument("--rate", type=float, action="append",
+                    help="background events/s while probing; repeat for several runs, run from low to high "
+                    "so that a backlog left by a run the job could not keep up with spoils no other "
+                    "(default 1000 and 2000)")
     ap.add_argument("--probes", type=int, default=200)
     ap.add_argument("--producers", type=int, default=2, help="background producer processes")
+    ap.add_argument("--trace", action="store_true", help="print every probe's latency")
     ap.add_argument("--only", choices=("throughput", "freshness"), help="run one part (no results file)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +226,8 @@ def main() -> None:
                 result["feature_job_throughput"] = throughput(stack, args.events)
                 print(json.dumps(result), flush=True)
             if args.only != "throughput":
-                result["freshness"] = freshness(stack, args.rate, args.probes, args.producers)
+                result["freshness"] = [freshness(stack, rate, args.probes, args.producers, args.trace)
+                                       for rate in sorted(args.rate or [1000.0, 2000.0])]
         finally:
             stack.stop()
     if args.only:

@@ -54,6 +54,8 @@ def environment(settings: Settings, name: str, restore: bool = True):  # noqa: A
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     conf.set_string("execution.checkpointing.num-retained", "2")
     conf.set_string("state.backend.type", settings.state_backend)
+    # RocksDB then uploads only new files per checkpoint; the hashmap backend always writes it all.
+    conf.set_string("execution.checkpointing.incremental", "true")
     conf.set_string("restart-strategy.type", "exponential-delay")
     # Network buffers ship when full or after this long; Flink's 100 ms default is a latency floor per hop.
     conf.set_string("execution.buffer-timeout.interval", "5 ms")
