@@ -115,8 +115,8 @@ def throughput(stack: Stack, n: int) -> dict[str, float]:
     ensure_topics(s.kafka_bootstrap, topic_plan(s))
     apply(s)
     source, events = workload(n, int(time.time() * 1000) - 86_400_000)
-    print(f"throughput: {n} events from the {source}, {pairs_per_event(events, s)} co-visit pairs per event",
-          flush=True)
+    pairs = pairs_per_event(events, s)
+    print(f"throughput: {n} events from the {source}, {pairs} co-visit pairs per event", flush=True)
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
         replay(events, p, total=n)
     last = events[-1]
@@ -138,7 +138,7 @@ def throughput(stack: Stack, n: int) -> dict[str, float]:
     finally:
         stop_group(job.pid)
     assert first_at is not None
-    return {"workload": source, "covisit_pairs_per_event": pairs_per_event(events, s), "events": n,
+    return {"workload": source, "covisit_pairs_per_event": pairs, "events": n,
             "seconds": round(done_at - first_at, 2), "events_per_s": round(n / (done_at - first_at))}
 
 
