@@ -182,7 +182,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import httpx
     import redis
 
-    from freshrec.stack import running
+    from freshrec.stack import alive, running
 
     s = cli_settings()
     doc = running(s.state_dir)
@@ -190,11 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no stack running here (start one with `freshrec up`)")
         return 1
     for name, pid in doc["pids"].items():
-        try:
-            os.killpg(pid, 0)
-            state = "up"
-        except ProcessLookupError:
-            state = "DOWN"
+        state = "up" if alive(pid, group=True) else "DOWN"
         print(f"{name:14} {state:5} pid {pid}")
     try:
         client = redis.Redis.from_url(s.redis_url, socket_timeout=1)

@@ -43,25 +43,25 @@ def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subp
 def stop_groups(pids: list[int], timeout: float = 10.0) -> None:
     """SIGTERM the process groups all at once (so their shutdowns overlap), then SIGKILL
     whatever is left after ``timeout``: a JVM can take that long to run its shutdown hooks."""
-    alive = []
+    left = []
     for pid in pids:
         try:
             os.killpg(pid, signal.SIGTERM)
-            alive.append(pid)
+            left.append(pid)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while alive and time.monotonic() < deadline:
+    while left and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [pid for pid in alive if _alive(pid, group=True)]
-    for pid in alive:
+        left = [pid for pid in left if alive(pid, group=True)]
+    for pid in left:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
 
 
-def _alive(pid: int, group: bool = False) -> bool:
+def alive(pid: int, group: bool = False) -> bool:
     """Whether the process, or any process of its group, still runs. Zombies don't count: a
     parent other than us may never reap them."""
     if not Path("/proc").is_dir():  # not Linux: signal 0 it is (zombies count there)
@@ -190,10 +190,10 @@ def down(state_dir: Path, timeout: float = 60.0) -> list[str]:
     if doc is None:
         return []
     owner = doc.get("owner")
-    if owner and _alive(owner):
+    if owner and alive(owner):
         os.kill(owner, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(owner) and time.monotonic() < deadline:
+        while alive(owner) and time.monotonic() < deadline:
             time.sleep(0.2)
     pids: dict[str, int] = doc["pids"]
     services = set(doc.get("services", []))

@@ -259,6 +259,11 @@ class ScoreMap(dict):
             self.backing.remove(key)
 
 
+def _by_score(kv: tuple[str, tuple[int, int]]) -> tuple[int, str]:
+    """Trending order: most events first, ties by item id."""
+    return -kv[1][0], kv[0]
+
+
 class Trending:
     """Items ranked by their events in the window, as of each item's newest event.
 
@@ -305,7 +310,7 @@ class Trending:
                 self.scores.remove(item)
             else:
                 live[item] = value
-        best = heapq.nsmallest(slack * k, live.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        best = heapq.nsmallest(slack * k, live.items(), key=_by_score)
         self.candidates = dict(best)
         self.dirty = False
 
@@ -318,5 +323,5 @@ class Trending:
         may rank above one outside the candidates (the job rebuilds every few seconds)."""
         horizon = self.newest - window_ms
         live = [kv for kv in self.candidates.items() if kv[1][1] > horizon]
-        ranked = sorted(live, key=lambda kv: (-kv[1][0], kv[0]))[:k]
+        ranked = sorted(live, key=_by_score)[:k]
         return [(item, score) for item, (score, _) in ranked]
