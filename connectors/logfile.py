@@ -1,4 +1,4 @@
-"""Read behavior logs from files: the Taobao UserBehavior CSV, or CSV/JSONL with a header.
+"""Read behavior logs from files: the Taobao UserBehavior CSV, MovieLens ``u.data``, or CSV/JSONL with a header.
 
 Rows come out as raw dicts (plus the original line) for :func:`connectors.schema.validate`,
 so a broken row reaches the DLQ with its reason instead of stopping a replay.
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior", "timestamp")
-FORMATS = ("auto", "taobao", "csv", "jsonl")
+MOVIELENS_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+FORMATS = ("auto", "taobao", "movielens", "csv", "jsonl")
 
 
 class LogFormatError(ValueError):
@@ -26,13 +27,17 @@ class LogFormatError(ValueError):
 
 
 def detect_format(path: Path) -> str:
-    """JSONL if the first line is an object; CSV with a header if it names user_id; else Taobao."""
+    """JSONL if the first line is an object; CSV with a header if it names user_id; MovieLens if
+    it is four tab-separated numbers; else Taobao."""
     with path.open(encoding="utf-8", errors="replace") as f:
         first = f.readline().strip()
     if not first:
         raise LogFormatError(f"{path} is empty")
     if first.startswith("{"):
         return "jsonl"
+    tabbed = first.split("\t")
+    if len(tabbed) == 4 and all(c.strip().isdigit() for c in tabbed):
+        return "movielens"
     header = [c.strip().lower() for c in first.split(",")]
     if "user_id" in header:
         return "csv"
@@ -40,7 +45,8 @@ def detect_format(path: Path) -> str:
         return "taobao"
     raise LogFormatError(f"{path}: cannot tell the format from the first line {first[:80]!r}; give --format "
                          "taobao (user_id,item_id,category_id,behavior,timestamp without header), csv (with a "
-                         "header naming user_id,item_id,behavior,ts or timestamp) or jsonl")
+                         "header naming user_id,item_id,behavior,ts or timestamp), movielens (user, item, rating, "
+                         "timestamp; tab-separated) or jsonl")
 
 
 def read_rows(f: IO[str], fmt: str) -> Iterator[tuple[dict[str, Any] | None, str]]:
@@ -55,6 +61,16 @@ def read_rows(f: IO[str], fmt: str) -> Iterator[tuple[dict[str, Any] | None, str
                 yield None, line.rstrip("\n")
                 continue
             yield (obj if isinstance(obj, dict) else None), line.rstrip("\n")
+        return
+    if fmt == "movielens":  # every rating is an interaction: the item was watched
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if not line.strip():
+                continue
+            if len(fields) != len(MOVIELENS_COLUMNS):
+                yield None, line.rstrip("\n")
+                continue
+            yield dict(zip(MOVIELENS_COLUMNS, fields, strict=True)) | {"behavior": "view"}, line.rstrip("\n")
         return
     reader = csv.reader(f)
     columns: tuple[str, ...] = TAOBAO_COLUMNS

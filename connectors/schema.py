@@ -105,7 +105,7 @@ def _behavior(raw: dict[str, Any]) -> str:
     return name
 
 
-def _timestamp_ms(raw: dict[str, Any], now_ms: int) -> int:
+def _timestamp_ms(raw: dict[str, Any], now_ms: int, min_ms: int) -> int:
     field = "ts" if "ts" in raw else "timestamp"
     value = raw.get(field)
     if value is None:
@@ -117,12 +117,12 @@ def _timestamp_ms(raw: dict[str, Any], now_ms: int) -> int:
         try:
             value = float(text)
         except ValueError:
-            return _check_range(field, _iso_ms(field, text), now_ms)
+            return _check_range(field, _iso_ms(field, text), now_ms, min_ms)
     if not isinstance(value, int | float) or value != value:  # NaN
         raise InvalidEvent(field, f"expected a number or ISO-8601 string, got {type(value).__name__}")
     # `ts` is milliseconds; `timestamp` is seconds (the Taobao log's unit).
     ms = int(value) if field == "ts" else int(value * 1000)
-    return _check_range(field, ms, now_ms)
+    return _check_range(field, ms, now_ms, min_ms)
 
 
 def _iso_ms(field: str, text: str) -> int:
@@ -135,8 +135,8 @@ def _iso_ms(field: str, text: str) -> int:
     return int(parsed.timestamp() * 1000)
 
 
-def _check_range(field: str, ms: int, now_ms: int) -> int:
-    if ms < MIN_TS_MS:
+def _check_range(field: str, ms: int, now_ms: int, min_ms: int) -> int:
+    if ms < min_ms:
         raise InvalidEvent(field, f"{ms} ms is before 2000-01-01; ts is epoch milliseconds, timestamp seconds")
     if ms > now_ms + MAX_FUTURE_MS:
         raise InvalidEvent(field, f"{ms} ms is more than a day in the future; check the producer's clock/unit")
@@ -148,8 +148,9 @@ def event_id_for(user_id: str, item_id: str, behavior: str, ts: int) -> str:
     return hashlib.blake2b(f"{user_id}|{item_id}|{behavior}|{ts}".encode(), digest_size=10).hexdigest()
 
 
-def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None) -> BehaviorEvent:
-    """Parse and normalize one event, or raise :class:`InvalidEvent`."""
+def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None, min_ts_ms: int = MIN_TS_MS) -> BehaviorEvent:
+    """Parse and normalize one event, or raise :class:`InvalidEvent`. ``min_ts_ms=0`` admits
+    old history (MovieLens is from 1997) where a live stream would refuse it."""
     if isinstance(raw, bytes | str):
         try:
             raw = json.loads(raw)
@@ -161,7 +162,7 @@ def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None) -> Be
     user_id = _id(raw, "user_id")
     item_id = _id(raw, "item_id")
     behavior = _behavior(raw)
-    ts = _timestamp_ms(raw, now_ms)
+    ts = _timestamp_ms(raw, now_ms, min_ts_ms)
     category_id = _id(raw, "category_id", required=False)
     event_id = _id(raw, "event_id", required=False)
     assert user_id is not None and item_id is not None

@@ -7,6 +7,7 @@
   freshrec doctor                     check Java, jars, binaries and ports
   freshrec init                       create topics, register feature views (for external Kafka/Redis)
   freshrec config                     every FRESHREC_* setting with its default
+  freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from connectors.logfile import FORMATS
 from freshrec.config import ConfigError, Settings
 
 
@@ -213,6 +215,23 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from connectors.logfile import LogFormatError
+    from freshrec.evaluate import evaluate, format_table
+
+    source = Path(args.source)
+    try:
+        report = evaluate(source, args.format, Path(args.out), args.limit, progress=not args.quiet)
+    except LogFormatError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{report['events']:,} events from {source} in {report['seconds']} s "
+          f"({report['events_per_second']:,} events/s)"
+          + (f"; refused: {report['refused']}" if report["refused"] else ""))
+    print(format_table(report))
+    print(f"\nwrote {args.out}/evaluate.json and {args.out}/evaluate.png")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     for name, default, doc in Settings.describe():
         print(f"{name:36} {default:28} {doc}")
@@ -235,7 +254,7 @@ def parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     rp = sub.add_parser("replay", help="stream a behavior log into the running stack, in event-time order")
     rp.add_argument("file")
-    rp.add_argument("--format", default="auto", choices=["auto", "taobao", "csv", "jsonl"])
+    rp.add_argument("--format", default="auto", choices=FORMATS)
     pace = rp.add_mutually_exclusive_group()
     pace.add_argument("--speed", type=float, help="multiple of real time (60 = one hour of log per minute)")
     pace.add_argument("--rate", type=float, help="events per second")
@@ -245,6 +264,13 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop a stack started by `freshrec up`").set_defaults(func=cmd_down)
     sub.add_parser("config", help="list every FRESHREC_* setting").set_defaults(func=cmd_config)
+    ev = sub.add_parser("evaluate", help="prequential top-K evaluation of the online models and baselines on a log")
+    ev.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
+    ev.add_argument("--format", default="auto", choices=FORMATS)
+    ev.add_argument("--limit", type=int, help="only the first N events (in time order)")
+    ev.add_argument("--out", default="bench/results", help="where evaluate.json and evaluate.png go")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 

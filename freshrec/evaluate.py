@@ -1,0 +1,292 @@
+"""Prequential (test-then-train) evaluation of recommenders over a behavior log.
+
+The log is replayed in event-time order. For every event of a user seen before, each method
+is first asked for that user's top list (knowing only the past), the event's item is looked
+up in it, and only then does everything learn from the event. Two protocols:
+
+* ``next_item``: the target is the event's item, whatever it is; lists may hold items the
+  user already interacted with (e-commerce users come back to what they viewed).
+* ``next_new_item``: only events whose item is new to the user count, and lists leave out
+  every item the user interacted with before.
+
+Metrics (one target per event): HR@10 (the item is in the top 10), NDCG@10 (1/log2(rank+2)
+within the top 10) and recall@20 (in the top 20), overall and per slice of the log.
+
+Methods: ``online`` (candidates from co-visitation, embedding retrieval, recent items and
+trending, ranked by the FTRL ranker stacked on the two-tower model, all learning on every
+event), ``online_embedding`` (the two-tower model's retrieval alone), ``frozen`` and
+``frozen_embedding`` (the same models, no longer learning after the first ``freeze_at`` of the
+log), ``popularity`` (most events in a sliding window), ``recent_items`` (the user's own last
+views, newest first) and ``item_knn`` (co-visitation neighbours of the user's recent views).
+
+The features, examples and co-visitation counts come from the same code the streaming job
+runs (streaming/state.py, online_learning/examples.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from connectors.logfile import open_log
+from connectors.schema import BehaviorEvent, InvalidEvent, validate
+from online_learning.examples import ExampleBuilder
+from online_learning.recommender import OnlineRecommender
+from serving.candidates import merge
+from serving.ranking import rank
+from streaming.state import Ev, ItemState, Neighbours, RecentViews, Spec, UserState
+
+PROTOCOLS = ("next_item", "next_new_item")
+METHODS = ("online", "online_embedding", "frozen", "frozen_embedding", "popularity", "recent_items", "item_knn")
+METRICS = ("hr@10", "ndcg@10", "recall@20")
+DEPTH = 20
+
+
+def load_events(path: Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[BehaviorEvent], Counter[str]]:
+    """Valid events in time order, and the refused rows counted by reason (none are dropped silently)."""
+    events: list[BehaviorEvent] = []
+    refused: Counter[str] = Counter()
+    for row, _ in open_log(path, fmt):
+        try:
+            if row is None:
+                raise InvalidEvent("payload", "line does not split into the expected columns")
+            events.append(validate(row, now_ms=int(time.time() * 1000), min_ts_ms=0))
+        except InvalidEvent as err:
+            refused[f"{err.field}: {err.reason.split(';')[0]}"] += 1
+    events.sort(key=lambda e: e.ts)
+    return (events[:limit] if limit else events), refused
+
+
+class SlidingPopularity:
+    """Events per item in the last ``window_ms``; the ranking is refreshed every ``every`` events."""
+
+    def __init__(self, window_ms: int = 3_600_000, every: int = 200, depth: int = 200) -> None:
+        self.window_ms, self.every, self.depth = window_ms, every, depth
+        self.events: deque[tuple[int, str]] = deque()
+        self.counts: Counter[str] = Counter()
+        self.since = 0
+        self.top: list[str] = []
+
+    def add(self, item: str, ts: int) -> None:
+        self.events.append((ts, item))
+        self.counts[item] += 1
+        while self.events and self.events[0][0] <= ts - self.window_ms:
+            _, old = self.events.popleft()
+            self.counts[old] -= 1
+            if not self.counts[old]:
+                del self.counts[old]
+        self.since += 1
+        if self.since >= self.every:
+            self.refresh()
+
+    def refresh(self) -> None:
+        self.since = 0
+        self.top = [i for i, _ in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.depth]]
+
+
+@dataclass
+class Scores:
+    """Sums of each metric per method and protocol, overall and per slice."""
+
+    n: Counter[str] = field(default_factory=Counter)
+    sums: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    slices: dict[int, dict[str, Counter[str]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(Counter)))
+    slice_n: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+
+    def record(self, protocol: str, method: str, ranked: list[str], target: str, part: int) -> None:
+        key = f"{protocol}/{method}"
+        try:
+            r = ranked.index(target, 0, DEPTH)
+        except ValueError:
+            r = DEPTH
+        hit = {"hr@10": float(r < 10), "ndcg@10": 1 / math.log2(r + 2) if r < 10 else 0.0,
+               "recall@20": float(r < DEPTH)}
+        self.n[key] += 1
+        self.slice_n[part][key] += 1
+        for m, v in hit.items():
+            self.sums[key][m] += v
+            self.slices[part][key][m] += v
+
+    def table(self) -> dict[str, dict[str, dict[str, float]]]:
+        return {p: {m: {metric: self.sums[f"{p}/{m}"][metric] / max(1, self.n[f"{p}/{m}"]) for metric in METRICS}
+                    | {"events": self.n[f"{p}/{m}"]} for m in METHODS} for p in PROTOCOLS}
+
+
+class Evaluation:
+    def __init__(self, spec: Spec | None = None, freeze_at: float = 0.2, slices: int = 20, seed: int = 0) -> None:
+        self.spec = spec or Spec()
+        self.freeze_at, self.n_slices = freeze_at, slices
+        self.users: dict[str, UserState] = {}
+        self.items: dict[str, ItemState] = {}
+        self.views: dict[str, RecentViews] = {}
+        self.neighbours: dict[str, Neighbours] = {}
+        self.seen: dict[str, set[str]] = defaultdict(set)
+        self.popularity = SlidingPopularity(self.spec.window_ms)
+        self.builder = ExampleBuilder(seed=seed)
+        self.online = OnlineRecommender.default(seed=seed)
+        self.frozen: OnlineRecommender | None = None
+        self.scores = Scores()
+
+    # -- the methods' top lists ----------------------------------------------------------------
+    def _knn(self, recent: list[str]) -> list[str]:
+        rows = [self.neighbours[i].features(self.spec) if i in self.neighbours else {} for i in recent[:5]]
+        ranked = rank([r.get("neighbours", []) for r in rows], [r.get("neighbour_counts", []) for r in rows], [],
+                      k=100, recent=recent[:5])
+        return [i for i, _, _ in ranked]
+
+    def _ranked(self, rec: OnlineRecommender, user: dict[str, Any], user_id: str, knn: list[str], recent: list[str],
+                exclude: set[str], cache: dict[str, dict[str, Any] | None],
+                memo: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """The system's list and the embedding retrieval's list. ``memo`` holds what both protocols
+        of one event share for this model: its retrieval and the scores it gave."""
+        if "retrieved" not in memo:  # once per event, deep enough for either protocol's exclusions
+            memo["retrieved"], memo["scores"] = rec.retrieve(user, 60 + len(self.seen[user_id]), user_id), {}
+        retrieved = [i for i in memo["retrieved"] if i not in exclude][:60]
+        cands = [i for i, _ in merge([("covisit", knn), ("embedding", retrieved), ("recent", recent),
+                                      ("trending", self.popularity.top)], exclude=exclude)]
+        known: dict[str, float] = memo["scores"]
+        todo = [i for i in cands if i not in known]
+        for i in todo:
+            if i not in cache:
+                cache[i] = self.items[i].features() if i in self.items else None
+        if todo:
+            known.update(zip(todo, rec.score_many(user, [(i, cache[i]) for i in todo], user_id).tolist(), strict=True))
+        ranked = sorted(cands, key=lambda i: -known[i])[:DEPTH]
+        return ranked, retrieved[:DEPTH]
+
+    def _test(self, ev: BehaviorEvent, user: dict[str, Any], part: int) -> None:
+        recent = list(user["last_viewed_items"])
+        knn = self._knn(recent)
+        seen = self.seen[ev.user_id]
+        cache: dict[str, dict[str, Any] | None] = {}
+        memos: dict[str, dict[str, Any]] = {"online": {}, "frozen": {}}
+        for protocol in PROTOCOLS:
+            if protocol == "next_new_item":
+                if ev.item_id in seen:
+                    continue
+                exclude = seen
+            else:
+                exclude = set()
+            lists = {
+                "popularity": [i for i in self.popularity.top if i not in exclude][:DEPTH],
+                "recent_items": [i for i in recent if i not in exclude][:DEPTH],
+                "item_knn": [i for i in knn if i not in exclude][:DEPTH],
+            }
+            lists["online"], lists["online_embedding"] = self._ranked(self.online, user, ev.user_id, knn, recent,
+                                                                      exclude, cache, memos["online"])
+            if self.frozen is None:  # before the freeze point both are the same model
+                lists["frozen"], lists["frozen_embedding"] = lists["online"], lists["online_embedding"]
+            else:
+                lists["frozen"], lists["frozen_embedding"] = self._ranked(self.frozen, user, ev.user_id, knn, recent,
+                                                                          exclude, cache, memos["frozen"])
+            for method, ranked in lists.items():
+                self.scores.record(protocol, method, ranked, ev.item_id, part)
+
+    # -- learning ------------------------------------------------------------------------------
+    def _learn(self, ev: BehaviorEvent, user: dict[str, Any] | None) -> None:
+        e = Ev(ev.event_id, ev.user_id, ev.item_id, ev.behavior, ev.ts, ev.category_id or "")
+        if not self.users.setdefault(ev.user_id, UserState()).add(e, self.spec):
+            return  # a duplicate: the streaming job drops it at the user too
+        item = self.items.get(ev.item_id)
+        self.online.learn_many(self.builder.add(e, user, item.features() if item else None))
+        st = self.items.setdefault(ev.item_id, ItemState())
+        st.add(e, self.spec)
+        self.builder.observe_item(ev.item_id, st.features())
+        if ev.behavior == "view":
+            for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
+                self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
+        self.popularity.add(ev.item_id, ev.ts)
+        self.seen[ev.user_id].add(ev.item_id)
+
+    def run(self, events: list[BehaviorEvent], progress: bool = True) -> Iterator[int]:
+        """Evaluate, then learn, event by event; yields the index of each event done."""
+        freeze = int(len(events) * self.freeze_at)
+        per_slice = max(1, math.ceil(len(events) / self.n_slices))
+        for n, ev in enumerate(tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5)):
+            if n == freeze and self.frozen is None:
+                self.frozen = OnlineRecommender.restore(self.online.snapshot())
+            st = self.users.get(ev.user_id)
+            user = st.features(self.spec) if st else None
+            if user is not None:
+                self._test(ev, user, n // per_slice)
+            self._learn(ev, user)
+            yield n
+
+    def report(self, source: str, n_events: int, seconds: float, refused: dict[str, int]) -> dict[str, Any]:
+        slices = []
+        for part in sorted(self.scores.slices):
+            row: dict[str, Any] = {"slice": part}
+            for p in PROTOCOLS:
+                for m in METHODS:
+                    k = f"{p}/{m}"
+                    row[k] = {metric: self.scores.slices[part][k][metric] / max(1, self.scores.slice_n[part][k])
+                              for metric in METRICS}
+            slices.append(row)
+        return {"source": source, "events": n_events, "refused": refused, "seconds": round(seconds, 1),
+                "events_per_second": round(n_events / max(seconds, 1e-9)), "freeze_at": self.freeze_at,
+                "protocols": list(PROTOCOLS), "methods": list(METHODS),
+                "overall": self.scores.table(), "over_time": slices,
+                "examples": dict(self.builder.stats),
+                "model_size": {"ftrl_weights": self.online.ranker.size, "two_tower_rows": self.online.embedding.size,
+                               "two_tower_evicted": self.online.embedding.users.evicted
+                               + self.online.embedding.items.evicted}}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """HR@10 per slice of the log, one line per method, a panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PROTOCOLS), figsize=(13, 4.5), sharex=True)
+    for ax, protocol in zip(axes, PROTOCOLS, strict=True):
+        for method in METHODS:
+            xs = [s["slice"] for s in report["over_time"]]
+            ys = [s[f"{protocol}/{method}"]["hr@10"] for s in report["over_time"]]
+            ax.plot(xs, ys, label=method, linestyle="--" if method.startswith("frozen") else "-")
+        ax.set_title(f"{protocol}: HR@10 over the log")
+        ax.set_xlabel(f"slice of the log (1/{len(report['over_time'])} each)")
+        ax.set_ylabel("HR@10")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle(f"prequential evaluation: {Path(report['source']).name}, {report['events']:,} events")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = []
+    for protocol in PROTOCOLS:
+        lines.append(f"\nprotocol {protocol}")
+        lines.append(f"  {'method':18} {'events':>8} " + " ".join(f"{m:>10}" for m in METRICS))
+        for method, row in report["overall"][protocol].items():
+            lines.append(f"  {method:18} {row['events']:>8} " + " ".join(f"{row[m]:>10.4f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+def evaluate(source: Path, fmt: str = "auto", out: Path = Path("bench/results"), limit: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    events, refused = load_events(source, fmt, limit)
+    if not events:
+        raise ValueError(f"{source}: no valid events to evaluate" + (f" ({dict(refused)})" if refused else ""))
+    started = time.perf_counter()
+    ev = Evaluation()
+    for _ in ev.run(events, progress):
+        pass
+    report = ev.report(str(source), len(events), time.perf_counter() - started, dict(refused))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluate.json").write_text(json.dumps(report, indent=1))
+    plot(report, out / "evaluate.png")
+    return report

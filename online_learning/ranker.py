@@ -1,0 +1,218 @@
+"""An FTRL-Proximal logistic ranker (river), updated on every example.
+
+Features: the user's and the item's recent counts (log-scaled), the item's buy rate, whether
+and how recently the user viewed the item, and the item's own id as a sparse feature. An id
+earns a weight only after ``min_count`` sightings (:mod:`online_learning.admission`) and
+loses it when unseen for ``ttl_ms`` of event time, so the model stays as large as the
+catalogue that is alive, not as large as everything ever seen.
+
+FTRL keeps per-coordinate learning rates (``n``, the sum of squared gradients) and its
+L1 term makes unhelpful weights exactly zero (McMahan et al., 2013).
+
+river 0.23's ``LogisticRegression`` computes each dot product over *every* weight it holds,
+so learning slowed from ~3.8k to ~1k examples/s within 35k sparse features; the dot product
+here runs over the example's own features (~38k examples/s, flat).
+
+>>> r = FTRLRanker(min_count=1)
+>>> for _ in range(200):
+...     _ = r.learn_one(Example(user_id="u", item_id="a", ts=1, label=1, behavior="view", user=None, item=None))
+...     _ = r.learn_one(Example(user_id="u", item_id="b", ts=1, label=0, behavior="negative", user=None, item=None))
+>>> a, b = r.score_many(None, [("a", None), ("b", None)])
+>>> bool(a > 0.8 > 0.2 > b)
+True
+>>> twin = FTRLRanker.restore(r.snapshot())
+>>> twin.score_many(None, [("a", None), ("b", None)]).tolist() == [a, b]
+True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from river import linear_model, optim
+
+from online_learning.admission import CountingFilter
+from online_learning.examples import Example
+from online_learning.params import decode, encode, strings
+
+USER_COUNTS = ("views", "clicks", "carts", "favs", "buys")
+ITEM_COUNTS = ("views", "carts", "buys", "events")
+
+
+class _LogisticRegression(linear_model.LogisticRegression):
+    def _raw_dot_one(self, x: dict[str, float]) -> float:
+        w = self._weights
+        return sum(w.get(j, 0.0) * xj for j, xj in x.items()) + self.intercept
+
+
+def user_part(user: dict[str, Any] | None) -> dict[str, float]:
+    """The user's share of the features (the same for every candidate of one request)."""
+    if not user:
+        return {"u_new": 1.0}
+    return {f"u_{k}": math.log1p(user.get(k) or 0) for k in USER_COUNTS}
+
+
+def item_part(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | None,
+              mf: float | None = None) -> dict[str, float]:
+    x = {f"item={item_id}": 1.0}
+    if mf is not None:  # the embedding model's score, stacked: the ranker learns how far to trust it
+        x["mf"] = mf
+    if item:
+        for k in ITEM_COUNTS:
+            x[f"i_{k}"] = math.log1p(item.get(k) or 0)
+        x["i_buy_rate"] = float(item.get("buy_rate") or 0.0)
+    else:
+        x["i_new"] = 1.0
+    recent = (user or {}).get("last_viewed_items") or []
+    if item_id in recent:
+        x["seen"] = 1.0
+        x["seen_recency"] = 1.0 / (1 + recent.index(item_id))
+    return x
+
+
+def features(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | None,
+             mf: float | None = None) -> dict[str, float]:
+    return user_part(user) | item_part(user, item_id, item, mf)
+
+
+class FTRLRanker:
+    name = "ftrl"
+
+    def __init__(self, alpha: float = 0.1, beta: float = 1.0, l1: float = 0.1, l2: float = 1.0,
+                 min_count: int = 2, ttl_ms: int = 6 * 3_600_000, filter_width: int = 1 << 20) -> None:
+        self.hyper = {"alpha": alpha, "beta": beta, "l1": l1, "l2": l2, "min_count": min_count, "ttl_ms": ttl_ms,
+                      "filter_width": filter_width}
+        self.model = _LogisticRegression(optimizer=optim.FTRLProximal(alpha=alpha, beta=beta, l1=l1, l2=l2),
+                                         l2=0.0, intercept_lr=0.01)
+        self.admission = CountingFilter(width=filter_width)
+        self.min_count, self.ttl_ms = min_count, ttl_ms
+        self.last_seen: dict[str, int] = {}  # sparse feature -> newest event time it appeared
+        self.newest = 0
+        self.examples = 0
+        self._changed: set[str] = set()
+        self._removed: set[str] = set()
+
+    # -- learning -------------------------------------------------------------------------
+    def _admit(self, x: dict[str, float], ts: int) -> dict[str, float]:
+        out = {}
+        for k, v in x.items():
+            if "=" in k:  # sparse id: only once it is frequent enough
+                if k not in self.last_seen and self.admission.add(k) < self.min_count:
+                    continue
+                self.last_seen[k] = ts
+            out[k] = v
+        return out
+
+    def predict_one(self, ex: Example, mf: float | None = None) -> float:
+        return float(self.model.predict_proba_one(features(ex["user"], ex["item_id"], ex["item"], mf))[True])
+
+    def learn_one(self, ex: Example, mf: float | None = None) -> float:
+        """Learn from one example; returns the probability predicted just before (test-then-train)."""
+        x = self._admit(features(ex["user"], ex["item_id"], ex["item"], mf), ex["ts"])
+        p = float(self.model.predict_proba_one(x)[True])
+        self.model.learn_one(x, bool(ex["label"]))
+        self._changed.update(x)
+        self.examples += 1
+        if ex["ts"] > self.newest:
+            self.newest = ex["ts"]
+        if self.examples % 10_000 == 0:
+            self.expire()
+        return p
+
+    def expire(self) -> int:
+        """Forget sparse features unseen for ``ttl_ms`` of event time; returns how many."""
+        horizon = self.newest - self.ttl_ms
+        gone = [k for k, ts in self.last_seen.items() if ts < horizon]
+        opt = self.model.optimizer
+        for k in gone:
+            del self.last_seen[k]
+            self.model._weights.pop(k, None)
+            opt.z.pop(k, None)
+            opt.n.pop(k, None)
+        self._removed.update(gone)
+        self._changed.difference_update(gone)
+        return len(gone)
+
+    # -- serving --------------------------------------------------------------------------
+    def score_many(self, user: dict[str, Any] | None, candidates: list[tuple[str, dict[str, Any] | None]],
+                   mf: np.ndarray | None = None) -> np.ndarray:
+        """Probability of each ``(item_id, item features)`` for this user (``mf``: the embedding
+        model's scores of the same candidates, when the ranker was trained with them)."""
+        w = self.model._weights
+        base = self.model.intercept + sum(w.get(k, 0.0) * v for k, v in user_part(user).items())
+        mfs = [None] * len(candidates) if mf is None else mf.tolist()
+        logits = np.fromiter((base + sum(w.get(k, 0.0) * v for k, v in item_part(user, i, f, s).items())
+                              for (i, f), s in zip(candidates, mfs, strict=True)),
+                             dtype=np.float64, count=len(candidates))
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    @property
+    def size(self) -> int:
+        return len(self.model._weights)
+
+    # -- parameters -----------------------------------------------------------------------
+    def _arrays(self, keys: list[str]) -> dict[str, np.ndarray]:
+        w, z, n = self.model._weights, self.model.optimizer.z, self.model.optimizer.n
+        return {"keys": strings(keys),
+                "w": np.array([w.get(k, 0.0) for k in keys], dtype=np.float64),
+                "z": np.array([z.get(k, 0.0) for k in keys], dtype=np.float64),
+                "n": np.array([n.get(k, 0.0) for k in keys], dtype=np.float64),
+                "seen": np.array([self.last_seen.get(k, -1) for k in keys], dtype=np.int64)}
+
+    def _header(self, kind: str) -> dict[str, Any]:
+        return {"model": self.name, "kind": kind, "hyper": self.hyper, "intercept": self.model.intercept,
+                "newest": self.newest, "examples": self.examples,
+                "iterations": self.model.optimizer.n_iterations}
+
+    def state_delta(self) -> bytes | None:
+        """The rows changed (and removed) since the last call, or None when nothing changed."""
+        if not self._changed and not self._removed:
+            return None
+        arrays = self._arrays(sorted(self._changed))
+        arrays["removed"] = strings(sorted(self._removed))
+        self._changed, self._removed = set(), set()
+        return encode(self._header("delta"), arrays)
+
+    def apply_delta(self, blob: bytes) -> None:
+        header, arrays = decode(blob)
+        self._load_rows(header, arrays)
+        for k in arrays["removed"].tolist():
+            self.model._weights.pop(k, None)
+            self.model.optimizer.z.pop(k, None)
+            self.model.optimizer.n.pop(k, None)
+            self.last_seen.pop(k, None)
+
+    def _load_rows(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if header.get("model") != self.name:
+            raise ValueError(f"parameters of model {header.get('model')!r}, not {self.name!r}")
+        w, z, n = self.model._weights, self.model.optimizer.z, self.model.optimizer.n
+        for k, wk, zk, nk, seen in zip(arrays["keys"].tolist(), arrays["w"].tolist(), arrays["z"].tolist(),
+                                       arrays["n"].tolist(), arrays["seen"].tolist(), strict=True):
+            w[k], z[k], n[k] = wk, zk, nk
+            if seen >= 0:
+                self.last_seen[k] = seen
+        self.model.intercept = header["intercept"]
+        self.newest, self.examples = header["newest"], header["examples"]
+        self.model.optimizer.n_iterations = header["iterations"]
+
+    def snapshot(self) -> bytes:
+        keys = sorted(set(self.model._weights.keys()) | set(self.model.optimizer.z) | set(self.last_seen))
+        arrays = self._arrays(keys)
+        arrays["admission"] = self.admission.table
+        return encode(self._header("snapshot"), arrays)
+
+    @classmethod
+    def restore(cls, blob: bytes) -> FTRLRanker:
+        header, arrays = decode(blob)
+        if header.get("kind") != "snapshot":
+            raise ValueError("restore needs a snapshot, not a delta")
+        model = cls(**header["hyper"])
+        model._load_rows(header, arrays)
+        model.admission.table = arrays["admission"].copy()
+        return model
+
+    def parameters(self) -> np.ndarray:
+        """Every weight and the intercept, for the quality gate."""
+        return np.fromiter([*self.model._weights.values(), self.model.intercept], dtype=np.float64)
