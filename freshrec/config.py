@@ -56,6 +56,17 @@ class Settings:
     parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
     sink_flush_ms: int = field(default=50, metadata=_doc("longest a feature row waits before Redis"))
     sink_batch_rows: int = field(default=500, metadata=_doc("feature rows per Redis pipeline"))
+    positives: str = field(default="view,click,cart,fav,buy", metadata=_doc("behaviors that make positive examples"))
+    negatives: int = field(default=2, metadata=_doc("sampled negative examples per positive"))
+    attribution_seconds: int = field(default=1800, metadata=_doc("a conversion credits a view this recent"))
+    min_count: int = field(default=2, metadata=_doc("sightings before an id gets model parameters"))
+    param_ttl_seconds: int = field(default=21600, metadata=_doc("ids unseen this long (event time) lose them"))
+    embedding_rows: int = field(default=200_000, metadata=_doc("cap on rows per embedding table (LRU beyond)"))
+    publish_interval_ms: int = field(default=200, metadata=_doc("the trainer publishes deltas this often"))
+    snapshot_interval_seconds: int = field(default=60, metadata=_doc("and a full snapshot this often"))
+    gate_margin: float = field(default=0.05, metadata=_doc("refuse parameters whose AUC drops this much"))
+    gate_max_abs: float = field(default=100.0, metadata=_doc("refuse parameters with a weight beyond this"))
+    model_poll_ms: int = field(default=50, metadata=_doc("the API checks for new parameters this often"))
     api_host: str = field(default="127.0.0.1", metadata=_doc("recommendation API bind address"))
     api_port: int = field(default=8000, metadata=_doc("recommendation API port"))
 
@@ -73,6 +84,11 @@ class Settings:
                     values[f.name] = int(raw)
                 except ValueError:
                     raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number") from None
+            elif f.type in ("float", float):
+                try:
+                    values[f.name] = float(raw)
+                except ValueError:
+                    raise ConfigError(f"{name}={raw!r} is not a number; set it to e.g. 0.05") from None
             elif f.type in ("Path", Path):
                 values[f.name] = Path(raw)
             else:
@@ -86,7 +102,8 @@ class Settings:
         positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
                     "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
                     "covisit_top_k", "trending_size", "checkpoint_interval_ms", "parallelism",
-                    "sink_flush_ms", "sink_batch_rows")
+                    "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count", "param_ttl_seconds",
+                    "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds", "model_poll_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")
@@ -96,10 +113,21 @@ class Settings:
                 raise ConfigError(f"FRESHREC_{window.upper()}={getattr(self, window)} is not a multiple of "
                                   f"FRESHREC_{pane.upper()}={getattr(self, pane)}; make the window a whole "
                                   "number of panes")
+        from connectors.schema import BEHAVIORS
+
+        unknown = [b for b in self.positive_behaviors if b not in BEHAVIORS]
+        if unknown or not self.positive_behaviors:
+            raise ConfigError(f"FRESHREC_POSITIVES={self.positives!r}: use a comma list of " + ", ".join(BEHAVIORS))
+        if self.negatives < 0:
+            raise ConfigError(f"FRESHREC_NEGATIVES={self.negatives} must be 0 or more")
         if self.state_backend not in ("hashmap", "rocksdb"):
             raise ConfigError(f"FRESHREC_STATE_BACKEND={self.state_backend!r}; use hashmap or rocksdb")
         if not self.feast_project.replace("_", "").isalnum():
             raise ConfigError(f"FRESHREC_FEAST_PROJECT={self.feast_project!r}; use letters, digits and _")
+
+    @property
+    def positive_behaviors(self) -> tuple[str, ...]:
+        return tuple(b.strip() for b in self.positives.split(",") if b.strip())
 
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

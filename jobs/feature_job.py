@@ -8,6 +8,8 @@
            '-> co-visit pairs -> key by item: top neighbours                       (item_covisit)
       -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
       -> every feature row to the feature-log topic (the offline store's input)
+    item_recent also hands each event, with the user's and the item's features from *before*
+    it, to one training-example builder -> the examples topic (the trainer's input)
 
 Event time is the Kafka record timestamp (our producers set it to the event's ``ts``);
 watermarks lag the newest event by FRESHREC_OUT_OF_ORDERNESS_MS, and events older than the
@@ -45,7 +47,8 @@ from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 from connectors.schema import InvalidEvent, dead_letter, validate
 from features.definitions import trending_key
 from freshrec.config import Settings
-from jobs.topics import feature_log_topic
+from jobs.topics import examples_topic, feature_log_topic
+from online_learning.examples import ExampleBuilder
 from streaming.flink import environment
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
 
@@ -63,8 +66,11 @@ ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()]
 # (item, other item, ts ms)
 PAIR = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG()])
 DLQ = OutputTag("dlq", Types.STRING())
-NEW_EVENTS = OutputTag("new_events", _event_type())
+# an event + JSON of the user's features before it ("" for a new user)
+NEW_EVENTS = OutputTag("new_events", Types.TUPLE([*_event_type().get_field_types(), Types.STRING()]))
 PAIRS = OutputTag("pairs", PAIR)
+# that + JSON of the item's features before ("" for a new item) and after it
+EXAMPLE_INPUTS = OutputTag("example_inputs", Types.TUPLE([*_event_type().get_field_types(), *[Types.STRING()] * 3]))
 TRENDING_VIEW = "trending"
 
 
@@ -142,13 +148,15 @@ class UserFeatures(KeyedProcessFunction):
         ev = Ev(*value)
         st: UserState
         views: RecentViews
-        st, views = self.state.value() or (UserState(), RecentViews())
+        known = self.state.value()
+        st, views = known or (UserState(), RecentViews())
+        before = json.dumps(st.features(self.spec)) if known else ""  # for training examples: no leakage
         if not st.add(ev, self.spec):
             return
         pairs = views.add(ev, self.spec) if ev.behavior == "view" else []
         self.state.update((st, views))
         yield "user_recent", ev.user_id, st.newest, json.dumps(st.features(self.spec))
-        yield NEW_EVENTS, value
+        yield NEW_EVENTS, (*value, before)
         for pair in pairs:
             yield PAIRS, pair
 
@@ -160,11 +168,37 @@ class ItemFeatures(_Keyed):
         self.spec = Spec.of(s)
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        ev = Ev(*value)
-        st: ItemState = self.load()
+        ev = Ev(*value[:6])
+        known = self.state.value()
+        st: ItemState = known or ItemState()
+        before = json.dumps(st.features()) if known else ""
         st.add(ev, self.spec)
         self.state.update(st)
-        yield "item_recent", ev.item_id, st.newest, json.dumps(st.features())
+        after = json.dumps(st.features())
+        yield "item_recent", ev.item_id, st.newest, after
+        yield EXAMPLE_INPUTS, (*value, before, after)
+
+
+class TrainingExamples(KeyedProcessFunction):
+    """One builder for all events (a single key), so negatives are drawn from every item.
+    Its memory (the sampling pool, newest item features, views awaiting a conversion) is not
+    checkpointed: after a restore it refills from the stream; positives are unaffected."""
+
+    def __init__(self, s: Settings) -> None:
+        self.settings = s
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        s = self.settings
+        self.builder = ExampleBuilder(positives=s.positive_behaviors, negatives=s.negatives,
+                                      attribution_ms=s.attribution_seconds * 1000)
+
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        *event, user, before, after = value
+        ev = Ev(*event)
+        for example in self.builder.add(ev, json.loads(user) if user else None,
+                                        json.loads(before) if before else None):
+            yield json.dumps(example, separators=(",", ":"))
+        self.builder.observe_item(ev.item_id, json.loads(after))
 
 
 class CoVisitNeighbours(_Keyed):
@@ -337,6 +371,9 @@ def build(env: Any, s: Settings) -> None:
     new_events = users.get_side_output(NEW_EVENTS)
     items = (new_events.key_by(lambda e: e[2], key_type=Types.STRING())
              .process(ItemFeatures(s), output_type=ROW).name("item_recent"))
+    examples = (items.get_side_output(EXAMPLE_INPUTS).key_by(lambda e: "all", key_type=Types.STRING())
+                .process(TrainingExamples(s), output_type=Types.STRING()).name("training_examples"))
+    examples.sink_to(_kafka_sink(s, examples_topic(s))).name("examples")
     covisit = (users.get_side_output(PAIRS).key_by(lambda p: p[0], key_type=Types.STRING())
                .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit"))
     trending = (items.key_by(lambda r: "all", key_type=Types.STRING())

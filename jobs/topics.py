@@ -10,6 +10,12 @@ def feature_log_topic(settings: Settings) -> str:
     return f"{settings.events_topic}-features"
 
 
+def examples_topic(settings: Settings) -> str:
+    """Training examples (positives with their features from before the event, sampled negatives)."""
+    return f"{settings.events_topic}-examples"
+
+
 def topic_plan(settings: Settings) -> dict[str, int]:
     # Partitions cannot be added later on the embedded broker: create with the final count.
-    return {settings.events_topic: settings.partitions, settings.dlq_topic: 1, feature_log_topic(settings): 1}
+    return {settings.events_topic: settings.partitions, settings.dlq_topic: 1, feature_log_topic(settings): 1,
+            examples_topic(settings): 1}

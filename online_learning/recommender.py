@@ -57,7 +57,7 @@ class OnlineRecommender:
         if not examples:
             return []
         first = examples[0]
-        same_user = all(ex["user_id"] == first["user_id"] and ex["user"] is first["user"] for ex in examples)
+        same_user = all(ex["user_id"] == first["user_id"] and ex["user"] == first["user"] for ex in examples)
         if same_user:
             items = [ex["item_id"] for ex in examples]
             mfs = self.embedding.score_many(first["user"], items, first["user_id"]).tolist()

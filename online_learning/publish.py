@@ -1,0 +1,137 @@
+"""Versioned model parameters in Redis: deltas every few hundred ms, snapshots now and then.
+
+Every publish gets the next version of a Redis counter, so versions only grow. A version is
+a hash ``<project>:model:v:<version>`` holding one blob per model that changed, its kind
+(``delta`` or ``snapshot``), its ``base`` (the version a delta applies on top of), the
+Kafka offsets the trainer had consumed, the prequential metric and the time. The sorted
+set ``<project>:model:log`` lists versions in order; ``<project>:model:snapshots`` the
+snapshots. Deltas expire after ``delta_ttl_s``; snapshots are kept (the newest
+``keep_snapshots``), so a reader that fell behind, or a rollback, starts from one.
+
+A reader applies a delta only on top of its base; any gap (expired delta, a rollback, a new
+trainer) sends it back to the newest snapshot. :meth:`ParameterStore.rollback` publishes an
+old snapshot again as a new version, so everyone follows it the same way, the trainer too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+BLOB = "blob:"
+
+
+@dataclass
+class Version:
+    version: int
+    kind: str  # "delta" or "snapshot"
+    base: int  # the version a delta applies to (0 for a snapshot)
+    blobs: dict[str, bytes]
+    created_ms: int
+    meta: dict[str, Any] = field(default_factory=dict)  # offsets, metric, rollback_of, ...
+
+
+class ParameterStore:
+    def __init__(self, client: redis.Redis, project: str, delta_ttl_s: int = 3600, keep_snapshots: int = 20) -> None:
+        self.client = client
+        self.prefix = f"{project}:model"
+        self.delta_ttl_s, self.keep_snapshots = delta_ttl_s, keep_snapshots
+
+    def _key(self, version: int) -> str:
+        return f"{self.prefix}:v:{version}"
+
+    def publish(self, kind: str, blobs: dict[str, bytes], base: int, meta: dict[str, Any] | None = None) -> int:
+        if kind not in ("delta", "snapshot"):
+            raise ValueError(f"kind must be delta or snapshot, not {kind!r}")
+        version = int(self.client.incr(f"{self.prefix}:version"))
+        mapping: dict[str, Any] = {"kind": kind, "base": base if kind == "delta" else 0,
+                                   "created_ms": int(time.time() * 1000), "meta": json.dumps(meta or {})}
+        mapping |= {BLOB + name: blob for name, blob in blobs.items()}
+        pipe = self.client.pipeline(transaction=True)  # readers see a version whole or not at all
+        pipe.hset(self._key(version), mapping=mapping)
+        if kind == "delta":
+            pipe.expire(self._key(version), self.delta_ttl_s)
+        else:
+            pipe.zadd(f"{self.prefix}:snapshots", {str(version): version})
+        pipe.zadd(f"{self.prefix}:log", {str(version): version})
+        pipe.execute()
+        if kind == "snapshot":
+            self._prune()
+        return version
+
+    def _prune(self) -> None:
+        old = self.client.zrange(f"{self.prefix}:snapshots", 0, -self.keep_snapshots - 1)
+        if old:
+            pipe = self.client.pipeline(transaction=True)
+            for v in old:
+                pipe.delete(self._key(int(v)))
+                pipe.zrem(f"{self.prefix}:snapshots", v)
+            pipe.execute()
+        # the log forgets versions whose hashes are gone (expired deltas, pruned snapshots)
+        first_kept = self.client.zrange(f"{self.prefix}:snapshots", 0, 0)
+        if first_kept:
+            self.client.zremrangebyscore(f"{self.prefix}:log", "-inf", f"({int(first_kept[0])}")
+
+    def get(self, version: int) -> Version | None:
+        raw = self.client.hgetall(self._key(version))
+        if not raw:
+            return None
+        fields = {k.decode(): v for k, v in raw.items()}
+        return Version(version=version, kind=fields["kind"].decode(), base=int(fields["base"]),
+                       created_ms=int(fields["created_ms"]), meta=json.loads(fields["meta"]),
+                       blobs={k[len(BLOB):]: v for k, v in fields.items() if k.startswith(BLOB)})
+
+    def head(self) -> int:
+        """The newest published version (0: none yet)."""
+        newest = self.client.zrevrange(f"{self.prefix}:log", 0, 0)
+        return int(newest[0]) if newest else 0
+
+    def versions_after(self, version: int) -> list[int]:
+        return [int(v) for v in self.client.zrangebyscore(f"{self.prefix}:log", f"({version}", "+inf")]
+
+    def snapshots(self) -> list[int]:
+        return [int(v) for v in self.client.zrange(f"{self.prefix}:snapshots", 0, -1)]
+
+    def catch_up(self, served: int) -> list[Version]:
+        """What a reader at ``served`` applies to reach the head: the deltas after it, or, when
+        the chain is broken, the newest snapshot and the deltas after that."""
+        out: list[Version] = []
+        at = served
+        for v in self.versions_after(served):
+            ver = self.get(v)
+            if ver is None:
+                continue  # expired meanwhile; the chain check below notices
+            if ver.kind == "snapshot" or ver.base == at:
+                out.append(ver)
+                at = v
+            else:
+                return self._from_snapshot()
+        return out
+
+    def _from_snapshot(self) -> list[Version]:
+        snaps = self.snapshots()
+        if not snaps:
+            return []
+        start = self.get(snaps[-1])
+        if start is None:
+            return []
+        out, at = [start], start.version
+        for v in self.versions_after(start.version):
+            ver = self.get(v)
+            if ver is None or (ver.kind == "delta" and ver.base != at):
+                break
+            out.append(ver)
+            at = v
+        return out
+
+    def rollback(self, to: int) -> int:
+        """Publish snapshot ``to`` again as the newest version; returns that version."""
+        old = self.get(to)
+        if old is None or old.kind != "snapshot":
+            have = ", ".join(map(str, self.snapshots())) or "none"
+            raise ValueError(f"version {to} is not a stored snapshot; snapshots kept: {have}")
+        return self.publish("snapshot", old.blobs, 0, {**old.meta, "rollback_of": to})

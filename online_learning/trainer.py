@@ -1,0 +1,216 @@
+"""The trainer: training examples in, versioned parameters out.
+
+    Kafka <events>-examples -> OnlineRecommender.learn_many (test-then-train)
+      -> every FRESHREC_PUBLISH_INTERVAL_MS: quality gate -> delta to Redis (ParameterStore)
+      -> every FRESHREC_SNAPSHOT_INTERVAL_SECONDS: a full snapshot
+
+Every published version records the Kafka offsets its parameters include. A restarted
+trainer rebuilds the newest published state (snapshot + deltas) and reads on from exactly
+those offsets: nothing in the published model is learned twice, nothing is skipped.
+Examples learned but not yet published when it died are simply learned again. (Two small
+exceptions, both documented in the README: admission counts restart from the snapshot's, and
+a positive whose negatives straddle a publish loses that one pair.)
+
+A version someone else published (``freshrec model rollback``) is followed: the trainer
+loads it and keeps learning from there, so the next delta builds on the rolled-back state.
+
+Run: ``python -m online_learning.trainer`` with FRESHREC_* variables set (``freshrec up`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import redis
+import torch
+from kafka import TopicPartition
+
+from connectors.kafka import consumer
+from freshrec.config import Settings
+from jobs.topics import examples_topic
+from online_learning.embeddings import TwoTower
+from online_learning.examples import Example
+from online_learning.gate import QualityGate
+from online_learning.params import decode
+from online_learning.publish import ParameterStore, Version
+from online_learning.ranker import FTRLRanker
+from online_learning.recommender import OnlineRecommender
+
+
+def new_recommender(s: Settings) -> OnlineRecommender:
+    ttl = s.param_ttl_seconds * 1000
+    return OnlineRecommender(FTRLRanker(min_count=s.min_count, ttl_ms=ttl),
+                             TwoTower(min_count=s.min_count, ttl_ms=ttl, max_rows=s.embedding_rows))
+
+
+def rebuild(chain: list[Version], rec: OnlineRecommender | None = None) -> OnlineRecommender | None:
+    """Apply a chain from :meth:`ParameterStore.catch_up` (a snapshot first, or deltas on ``rec``)."""
+    for ver in chain:
+        if ver.kind == "snapshot":
+            rec = OnlineRecommender.restore(ver.blobs)
+        elif rec is not None:
+            for blob in ver.blobs.values():
+                rec.apply_delta(blob)
+    return rec
+
+
+class Trainer:
+    def __init__(self, settings: Settings, log: Any = None) -> None:
+        self.settings = settings
+        self.log = log or (lambda m: print(f"[trainer] {m}", file=sys.stderr, flush=True))
+        self.client = redis.Redis.from_url(settings.redis_url)
+        self.store = ParameterStore(self.client, settings.feast_project)
+        self.gate = QualityGate(max_abs=settings.gate_max_abs, margin=settings.gate_margin)
+        self.topic = examples_topic(settings)
+        self.offsets: dict[int, int] = {}
+        self.version, self.served_auc = 0, None
+        chain = self.store.catch_up(0)
+        rec = rebuild(chain)
+        if rec is None:
+            self.rec = new_recommender(settings)
+            self.log("no published model: starting fresh")
+        else:
+            self.rec = rec
+            self.version = chain[-1].version
+            self.offsets = {int(p): o for p, o in chain[-1].meta.get("offsets", {}).items()}
+            self.served_auc = chain[-1].meta.get("auc")
+            self.log(f"resumed at version {self.version} (snapshot {chain[0].version} + {len(chain) - 1} deltas), "
+                     f"offsets {self.offsets}")
+        self.rec.state_delta()  # what was rebuilt is published already
+        self.need_snapshot = rec is None
+        self.learned = 0
+        self.last_kind = ""
+        self.stopping = threading.Event()  # set to stop run() (it publishes a last snapshot first)
+        self.stopped = threading.Event()  # set when run() has returned
+
+    # -- learning -------------------------------------------------------------------------------
+    def learn(self, examples: list[Example]) -> None:
+        """Learn a run of examples, one event's worth (same user and time) at a time."""
+        i = 0
+        while i < len(examples):
+            j = i + 1
+            while j < len(examples) and examples[j]["user_id"] == examples[i]["user_id"] \
+                    and examples[j]["ts"] == examples[i]["ts"]:
+                j += 1
+            group = examples[i:j]
+            for ex, p in zip(group, self.rec.learn_many(group), strict=True):
+                self.gate.observe(p, ex["label"])
+            self.learned += len(group)
+            i = j
+
+    # -- publishing -----------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Load versions published by someone else (a rollback) before building on our own."""
+        head = self.store.head()
+        if head == self.version:
+            return
+        chain = self.store.catch_up(self.version)
+        rec = rebuild(chain, self.rec)
+        if rec is not None and chain:
+            self.rec, self.version = rec, chain[-1].version
+            self.served_auc = chain[-1].meta.get("auc")
+            self.rec.state_delta()
+            self.log(f"following version {self.version} published elsewhere"
+                     + (f" (rollback to {chain[-1].meta['rollback_of']})" if "rollback_of" in chain[-1].meta else ""))
+
+    def publish(self, snapshot: bool = False) -> int | None:
+        """Publish what changed (or everything); None when nothing changed or the gate refused."""
+        self.rec.embedding.step()  # examples waiting for a full batch belong in what goes out
+        snapshot = snapshot or self.need_snapshot
+        blobs = self.rec.snapshot() if snapshot else self.rec.state_delta()
+        if snapshot:
+            self.rec.state_delta()  # the next delta starts from this snapshot
+        if not blobs:
+            return None
+        reason = None
+        for name, blob in blobs.items():
+            reason = self.gate.check(decode(blob)[1], self.served_auc)
+            if reason:
+                reason = f"{name}: {reason}"
+                break
+        if reason:
+            # The changes in a refused delta are not sent again: the next publish is a full snapshot.
+            self.need_snapshot = True
+            self.log(f"refused to publish {'a snapshot' if snapshot else 'a delta'}: {reason}")
+            return None
+        auc = self.gate.auc()
+        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "auc": auc, "examples": self.learned}
+        self.version = self.store.publish("snapshot" if snapshot else "delta", blobs, self.version, meta)
+        self.served_auc = auc if auc is not None else self.served_auc
+        self.need_snapshot = False
+        self.last_kind = "snapshot" if snapshot else "delta"
+        return self.version
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, stop_after_idle_s: float | None = None) -> int:
+        """Consume until SIGTERM/SIGINT (or, for tests, ``stop_after_idle_s`` without examples)."""
+        if stop_after_idle_s is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stopping.set())
+        c = consumer(self.settings.kafka_bootstrap, group=None, enable_auto_commit=False)
+        parts = sorted(c.partitions_for_topic(self.topic) or {0})
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        c.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                c.seek(tp, self.offsets[tp.partition])
+            else:
+                c.seek_to_beginning(tp)
+        s = self.settings
+        last_pub = last_snap = last_example = time.monotonic()
+        self.log(f"reading {self.topic} at {s.kafka_bootstrap}, publishing to {s.redis_url} "
+                 f"every {s.publish_interval_ms} ms")
+        try:
+            while not self.stopping.is_set():
+                examples: list[Example] = []
+                for tp, records in c.poll(timeout_ms=20, max_records=2000).items():
+                    for r in records:
+                        examples.append(json.loads(r.value))
+                        self.offsets[tp.partition] = r.offset + 1
+                if examples:
+                    self.learn(examples)
+                    last_example = time.monotonic()
+                now = time.monotonic()
+                if (now - last_pub) * 1000 >= s.publish_interval_ms:
+                    self.last_kind = ""
+                    self._publish_safely(now - last_snap >= s.snapshot_interval_seconds)
+                    last_pub = now
+                    if self.last_kind == "snapshot":
+                        last_snap = now
+                if stop_after_idle_s is not None and now - last_example > stop_after_idle_s:
+                    break
+            self._publish_safely(snapshot=True)
+        finally:
+            c.close()
+            self.stopped.set()
+        return self.learned
+
+    def _publish_safely(self, snapshot: bool) -> None:
+        for attempt in range(6):
+            try:
+                self.follow()
+                self.publish(snapshot)
+                return
+            except redis.RedisError as exc:  # Redis restarting: keep learning, publish when it is back
+                if attempt == 5:
+                    self.log(f"Redis unreachable, will retry at the next publish: {exc}")
+                    return
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+
+
+def main() -> int:
+    torch.set_num_threads(1)  # two cores, shared with the Flink job and the API
+    settings = Settings.from_env()
+    trainer = Trainer(settings)
+    n = trainer.run()
+    trainer.log(f"stopped after {n} examples at version {trainer.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

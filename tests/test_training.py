@@ -1,0 +1,128 @@
+"""Online learning end to end: job -> examples topic -> trainer -> Redis versions -> API.
+
+Real broker, Redis and PyFlink job (the session's); the trainer runs in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from connectors.kafka import consumer
+from connectors.schema import validate
+from freshrec.config import Settings
+from jobs.topics import examples_topic
+from online_learning.publish import ParameterStore
+from online_learning.trainer import Trainer
+from serving.app import create_app
+from serving.models import ServedModels
+from tests.conftest import wait_until
+from tests.test_pipeline import generated, produce
+
+
+def examples_of(settings: Settings, prefix: str, want: int, timeout: float = 90) -> list[dict]:
+    c = consumer(settings.kafka_bootstrap, examples_topic(settings), group=None)
+    got: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and len(got) < want:
+            for records in c.poll(timeout_ms=500).values():
+                got += [e for e in (json.loads(r.value) for r in records) if e["user_id"].startswith(prefix)]
+    finally:
+        c.close()
+    return got
+
+
+def test_job_emits_examples_with_features_from_before_the_event(shared: Settings) -> None:
+    now = int(time.time() * 1000) - 60_000
+    ev = [validate({"user_id": "tx-u", "item_id": item, "behavior": b, "ts": now + n * 1000, "event_id": f"tx{n}"})
+          for n, (item, b) in enumerate([("tx-a", "view"), ("tx-b", "view"), ("tx-a", "buy")])]
+    produce(shared, ev)
+    got = examples_of(shared, "tx-", want=3 + 2 * 3)
+    positives = sorted((e for e in got if e["label"] == 1), key=lambda e: e["ts"])
+    assert [(e["item_id"], e["behavior"]) for e in positives] == [("tx-a", "view"), ("tx-b", "view"), ("tx-a", "buy")]
+    first, second, buy = positives
+    assert first["user"] is None and first["item"] is None  # a new user, a new item
+    # as of just before the second view: one view, of tx-a; nothing of tx-b yet
+    assert second["user"]["views"] == 1 and second["user"]["last_viewed_items"] == ["tx-a"]
+    # the buy is attributed to the view of tx-a: the features are those of that moment
+    assert buy["user"] is None and buy["item"] is None
+    negatives = [e for e in got if e["label"] == 0]
+    assert negatives and all(e["behavior"] == "negative" for e in negatives)
+    for n in negatives:
+        twin = next(p for p in positives if p["ts"] == n["ts"])
+        assert n["item_id"] != twin["item_id"] and n["user"] == twin["user"]
+
+
+@pytest.fixture(scope="module")
+def trainer(shared: Settings) -> Iterator[Trainer]:
+    """A trainer over the shared job's examples, publishing into the shared project."""
+    settings = shared.replace(publish_interval_ms=100, snapshot_interval_seconds=2, min_count=1)
+    t = Trainer(settings, log=lambda m: None)
+    thread = threading.Thread(target=t.run, kwargs={"stop_after_idle_s": 600}, daemon=True)
+    thread.start()
+    yield t
+    t.stopping.set()
+    thread.join(30)
+
+
+def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Settings, trainer: Trainer) -> None:
+    produce(shared, generated("tr-", 600, seed=11))
+    store = trainer.store
+    wait_until(lambda: len(store.snapshots()) >= 1 and store.head() > store.snapshots()[0], 120,
+               "a snapshot and deltas after it")
+    app = create_app(shared)
+    with TestClient(app) as client:
+        wait_until(lambda: client.get("/model").json()["version"] > 0, 10, "the API to load a version")
+        body = client.get("/recommendations", params={"user_id": "tr-u3", "k": 5}).json()
+        assert body["model_version"] and body["scorer"] == f"online-v{body['model_version']}"
+        assert 0 < len(body["items"]) <= 5
+
+        # event -> new parameters visible in the API: a new item, viewed, gets a row
+        probe = validate({"user_id": "tr-u1", "item_id": "tr-probe", "behavior": "view",
+                          "ts": int(time.time() * 1000), "event_id": "tr-probe-1"})
+        before = client.get("/model").json()["version"]
+        sent = time.monotonic()
+        produce(shared, [probe])
+        models: ServedModels = app.state.models
+        wait_until(lambda: models.recommender is not None and models.recommender.embedding.items.get("tr-probe") >= 0,
+                   30, "the probe item's parameters to reach the API")
+        assert client.get("/model").json()["version"] > before
+        print(f"event -> parameters in the API: {time.monotonic() - sent:.2f} s")
+
+        # rollback: an old snapshot becomes the newest version; API and trainer follow it
+        old = store.snapshots()[0]
+        new = store.rollback(old)
+        wait_until(lambda: client.get("/model").json()["version"] >= new, 10, "the API to serve the rollback")
+        assert store.get(new).meta["rollback_of"] == old
+        wait_until(lambda: trainer.version >= new, 10, "the trainer to follow the rollback")
+        with pytest.raises(ValueError, match="not a stored snapshot"):
+            store.rollback(10**9)
+
+
+def test_restarted_trainer_resumes_exactly_where_published(shared: Settings, trainer: Trainer) -> None:
+    store = trainer.store
+    wait_until(lambda: store.head() > 0, 120, "published versions")
+    published = trainer.learned
+    trainer.stopping.set()  # it publishes a last snapshot and stops
+    assert trainer.stopped.wait(30), "the trainer did not stop"
+    assert store.head() == trainer.version and store.get(store.head()).kind == "snapshot"
+    # A new trainer on the same store rebuilds the published state and reads on from its offsets.
+    twin = Trainer(trainer.settings, log=lambda m: None)
+    head = store.get(twin.version)
+    assert twin.version == trainer.version and head.meta["examples"] >= published
+    assert {str(p): o for p, o in twin.offsets.items()} == head.meta["offsets"] == \
+        {str(p): o for p, o in trainer.offsets.items()}
+    served = ServedModels(ParameterStore(redis.Redis.from_url(shared.redis_url), shared.feast_project))
+    assert served.refresh() == twin.version
+    user = {"views": 2, "last_viewed_items": ["tr-i1", "tr-i2"]}
+    cands = [(f"tr-i{i}", {"views": i}) for i in range(20)]
+    for model in (trainer.rec, served.recommender):
+        assert np.array_equal(twin.rec.score_many(user, cands, "tr-u1"), model.score_many(user, cands, "tr-u1"))
