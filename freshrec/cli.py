@@ -8,6 +8,7 @@
   freshrec init                       create topics, register feature views (for external Kafka/Redis)
   freshrec config                     every FRESHREC_* setting with its default
   freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
+  freshrec model [list | rollback --to VERSION]   published model versions; serve an older snapshot again
 """
 
 from __future__ import annotations
@@ -232,6 +233,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    import redis
+
+    from online_learning.publish import ParameterStore
+
+    s = cli_settings()
+    store = ParameterStore(redis.Redis.from_url(s.redis_url, socket_timeout=5), s.feast_project)
+    try:
+        if args.action == "rollback":
+            if args.to is None:
+                raise UserError("rollback needs --to VERSION (a snapshot; `freshrec model list` shows them)")
+            version = store.rollback(args.to)
+            print(f"published snapshot {args.to} again as version {version}; the API and the trainer follow it "
+                  f"within FRESHREC_MODEL_POLL_MS / FRESHREC_PUBLISH_INTERVAL_MS")
+            return 0
+        head = store.head()
+        if not head:
+            print(f"no model published in project {s.feast_project} yet (is the trainer running?)")
+            return 1
+        snaps = store.snapshots()
+        print(f"newest version {head}; snapshots kept (rollback targets): {', '.join(map(str, snaps)) or 'none'}")
+        for v in (snaps[-10:] + [head]) if head not in snaps else snaps[-10:]:
+            ver = store.get(v)
+            if ver is None:
+                continue
+            auc = ver.meta.get("auc")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ver.created_ms / 1000))
+            extra = f", rollback of {ver.meta['rollback_of']}" if "rollback_of" in ver.meta else ""
+            print(f"  v{v:<8} {ver.kind:8} {when}  examples {ver.meta.get('examples', '?'):>9}  "
+                  f"AUC {auc if auc is None else round(auc, 4)}{extra}")
+    except redis.RedisError as exc:
+        raise UserError(f"Redis at {s.redis_url} unreachable: {exc}") from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     for name, default, doc in Settings.describe():
         print(f"{name:36} {default:28} {doc}")
@@ -271,6 +309,10 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="bench/results", help="where evaluate.json and evaluate.png go")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
+    md = sub.add_parser("model", help="published model versions; roll back to a snapshot")
+    md.add_argument("action", nargs="?", default="list", choices=["list", "rollback"])
+    md.add_argument("--to", type=int, help="the snapshot version to serve again (with rollback)")
+    md.set_defaults(func=cmd_model)
     return p
 
 

@@ -25,6 +25,7 @@ runs (streaming/state.py, online_learning/examples.py).
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import sys
@@ -90,7 +91,7 @@ class SlidingPopularity:
 
     def refresh(self) -> None:
         self.since = 0
-        self.top = [i for i, _ in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.depth]]
+        self.top = [i for i, _ in heapq.nsmallest(self.depth, self.counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Evaluation:
         self.freeze_at, self.n_slices = freeze_at, slices
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
+        self.item_cache: dict[str, dict[str, Any] | None] = {}  # features until the item's next event
         self.views: dict[str, RecentViews] = {}
         self.neighbours: dict[str, Neighbours] = {}
         self.seen: dict[str, set[str]] = defaultdict(set)
@@ -158,7 +160,7 @@ class Evaluation:
         todo = [i for i in cands if i not in known]
         for i in todo:
             if i not in cache:
-                cache[i] = self.items[i].features() if i in self.items else None
+                cache[i] = self._item_features(i)
         if todo:
             known.update(zip(todo, rec.score_many(user, [(i, cache[i]) for i in todo], user_id).tolist(), strict=True))
         ranked = sorted(cands, key=lambda i: -known[i])[:DEPTH]
@@ -192,16 +194,22 @@ class Evaluation:
             for method, ranked in lists.items():
                 self.scores.record(protocol, method, ranked, ev.item_id, part)
 
+    def _item_features(self, item: str) -> dict[str, Any] | None:
+        if item not in self.item_cache:
+            st = self.items.get(item)
+            self.item_cache[item] = st.features() if st else None
+        return self.item_cache[item]
+
     # -- learning ------------------------------------------------------------------------------
     def _learn(self, ev: BehaviorEvent, user: dict[str, Any] | None) -> None:
         e = Ev(ev.event_id, ev.user_id, ev.item_id, ev.behavior, ev.ts, ev.category_id or "")
         if not self.users.setdefault(ev.user_id, UserState()).add(e, self.spec):
             return  # a duplicate: the streaming job drops it at the user too
-        item = self.items.get(ev.item_id)
-        self.online.learn_many(self.builder.add(e, user, item.features() if item else None))
+        self.online.learn_many(self.builder.add(e, user, self._item_features(ev.item_id)))
         st = self.items.setdefault(ev.item_id, ItemState())
         st.add(e, self.spec)
-        self.builder.observe_item(ev.item_id, st.features())
+        self.item_cache[ev.item_id] = after = st.features()
+        self.builder.observe_item(ev.item_id, after)
         if ev.behavior == "view":
             for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
                 self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)

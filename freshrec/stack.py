@@ -143,10 +143,12 @@ class Stack:
             ensure_topics(settings.kafka_bootstrap, topic_plan(settings))
             log("registering feature views with Feast ...")
             apply(settings)
-            log("starting the PyFlink feature job, the offline-store writer and the API ...")
+            log("starting the PyFlink feature job, the offline-store writer, the trainer and the API ...")
             stack.procs["feature_job"] = start_feature_job(settings, stack.log_dir)
             stack.procs["offline_store"] = spawn("offline_store", [sys.executable, "-m", "connectors.offline_store"],
                                                  settings, stack.log_dir)
+            stack.procs["trainer"] = spawn("trainer", [sys.executable, "-m", "online_learning.trainer"], settings,
+                                           stack.log_dir)
             stack.procs["api"] = start_api(settings, stack.log_dir)
             wait_healthy(stack.api_url, stack.procs["api"])
             stack.save()

@@ -223,18 +223,21 @@ class TwoTower:
         x = (u * (vp - vq)).sum(1, keepdim=True)
         d = torch.sigmoid(-x)  # d(-log sigmoid(x))/dx = -d
         g_u = -d * (vp - vq)
-        grads_items = torch.zeros_like(Ii.weight)
-        grads_items.index_add_(0, p, -d * u + self.reg * vp)
-        grads_items.index_add_(0, q, d * u + self.reg * vq)
-        grads_items.index_add_(0, hr, (g_u / counts)[hof])
-        grads_users = torch.zeros_like(U.weight)
-        grads_users.index_add_(0, urow, (g_u + self.reg * U.weight[urow]) * has_u)
-        for table, grads, rows in ((Ii, grads_items, torch.cat([p, q, hr])), (U, grads_users, urow[has_u[:, 0] > 0])):
-            rows = torch.unique(rows)
-            g = grads[rows]
-            table.accum[rows] += (g * g).mean(1)
-            table.weight[rows] -= self.lr * g / (table.accum[rows].sqrt().unsqueeze(1) + 1e-8)
-            table.changed.update(table.keys[r] for r in rows.tolist() if table.keys[r] is not None)
+        # Gradients only for the rows this batch touched (a full-table buffer per step would
+        # cost as much as the table).
+        item_rows = torch.cat([p, q, hr])
+        item_grads = torch.cat([-d * u + self.reg * vp, d * u + self.reg * vq, (g_u / counts)[hof]])
+        user_sel = has_u[:, 0] > 0
+        user_rows = urow[user_sel]
+        user_grads = (g_u + self.reg * U.weight[urow])[user_sel]
+        for table, rows, grads in ((Ii, item_rows, item_grads), (U, user_rows, user_grads)):
+            if not len(rows):
+                continue
+            uniq, inverse = torch.unique(rows, return_inverse=True)
+            g = torch.zeros(len(uniq), table.dim).index_add_(0, inverse, grads)
+            table.accum[uniq] += (g * g).mean(1)
+            table.weight[uniq] -= self.lr * g / (table.accum[uniq].sqrt().unsqueeze(1) + 1e-8)
+            table.changed.update(table.keys[r] for r in uniq.tolist() if table.keys[r] is not None)
         self.batch = []
 
     # -- serving --------------------------------------------------------------------------
@@ -263,17 +266,19 @@ class TwoTower:
     def nearest(self, user: dict[str, Any] | None, k: int, user_id: str | None = None,
                 exclude: set[str] | None = None) -> list[str]:
         """Retrieval: the k items whose rows score highest for this user."""
-        live = self.items.live_rows()
-        if not len(live):
+        n_live = len(self.items)
+        if not n_live:
             return []
         v = self.user_vector(user, user_id)
         if not v.any():
             return []
-        scores = self.items.weight.numpy()[live] @ v
-        want = min(len(live), k + len(exclude or ()))
+        # Score every row in place (the table is at most twice its live rows) rather than copy the live ones.
+        scores = self.items.weight.numpy() @ v
+        scores[self.items.last_seen == -1] = -np.inf
+        want = min(n_live, k + len(exclude or ()))
         top = np.argpartition(-scores, want - 1)[:want]
         top = top[np.argsort(-scores[top], kind="stable")]
-        out = [self.items.keys[live[t]] for t in top]
+        out = [self.items.keys[t] for t in top]
         return [i for i in out if i is not None and i not in (exclude or ())][:k]
 
     # -- parameters -----------------------------------------------------------------------

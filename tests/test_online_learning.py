@@ -101,6 +101,27 @@ def test_ranker_learns_and_replicas_follow_by_deltas() -> None:
     assert pos > neg
 
 
+def test_ranker_vectorized_scores_equal_the_feature_path() -> None:
+    r = FTRLRanker(min_count=1)
+    rng = random.Random(4)
+    for t in range(3000):
+        item = str(rng.randrange(30))
+        feats = None if rng.random() < 0.2 else {"views": rng.randrange(9), "carts": rng.randrange(3),
+                                                 "buys": rng.randrange(2), "events": rng.randrange(12),
+                                                 "buy_rate": rng.random()}
+        recent = [str(rng.randrange(30)) for _ in range(rng.randrange(4))]
+        r.learn_one(ex("u", item, int(rng.random() < 0.4 + 0.5 * (item in recent)), t, recent, feats), mf=rng.random())
+    user = {"views": 3, "clicks": 1, "last_viewed_items": ["3", "7", "3"]}
+    cands = [(str(i), None if i % 5 == 0 else {"views": i, "carts": i % 3, "buys": i % 2, "events": 2 * i,
+                                              "buy_rate": i / 40}) for i in range(30)]
+    mf = np.linspace(-1, 1, 30)
+    fast = r.score_many(user, cands, mf)
+    slow = [r.predict_one(Example(user_id="u", item_id=i, ts=0, label=0, behavior="view", user=user, item=f), m)
+            for (i, f), m in zip(cands, mf.tolist(), strict=True)]
+    assert np.allclose(fast, slow, rtol=1e-12, atol=0)
+    assert r.model._weights.get("seen", 0) > 0  # the signal it was given
+
+
 def test_ranker_restore_continues_identically() -> None:
     a = FTRLRanker(min_count=2)
     data = stream(600, seed=3)

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 
 from connectors.kafka import consumer
 from connectors.schema import validate
+from freshrec import cli
 from freshrec.config import Settings
 from jobs.topics import examples_topic
 from online_learning.publish import ParameterStore
@@ -73,7 +74,9 @@ def trainer(shared: Settings) -> Iterator[Trainer]:
     thread.join(30)
 
 
-def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Settings, trainer: Trainer) -> None:
+def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Settings, trainer: Trainer,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     produce(shared, generated("tr-", 600, seed=11))
     store = trainer.store
     wait_until(lambda: len(store.snapshots()) >= 1 and store.head() > store.snapshots()[0], 120,
@@ -97,14 +100,19 @@ def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Setting
         assert client.get("/model").json()["version"] > before
         print(f"event -> parameters in the API: {time.monotonic() - sent:.2f} s")
 
-        # rollback: an old snapshot becomes the newest version; API and trainer follow it
+        # rollback, one command: an old snapshot becomes the newest version; API and trainer follow it
+        for key, value in shared.to_env().items():
+            monkeypatch.setenv(key, value)
         old = store.snapshots()[0]
-        new = store.rollback(old)
-        wait_until(lambda: client.get("/model").json()["version"] >= new, 10, "the API to serve the rollback")
+        assert cli.main(["model", "rollback", "--to", str(old)]) == 0
+        new = int(capsys.readouterr().out.split(" as version ")[1].split(";")[0])
         assert store.get(new).meta["rollback_of"] == old
+        wait_until(lambda: client.get("/model").json()["version"] >= new, 10, "the API to serve the rollback")
         wait_until(lambda: trainer.version >= new, 10, "the trainer to follow the rollback")
-        with pytest.raises(ValueError, match="not a stored snapshot"):
-            store.rollback(10**9)
+        assert cli.main(["model", "rollback", "--to", "999999999"]) == 2
+        assert "not a stored snapshot" in capsys.readouterr().err
+        assert cli.main(["model", "list"]) == 0
+        assert f"rollback of {old}" in capsys.readouterr().out
 
 
 def test_restarted_trainer_resumes_exactly_where_published(shared: Settings, trainer: Trainer) -> None:
