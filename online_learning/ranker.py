@@ -93,6 +93,7 @@ class FTRLRanker:
         self.examples = 0
         self._changed: set[str] = set()
         self._removed: set[str] = set()
+        self.pinned: tuple[dict[str, float], float] | None = None  # the served version's weights, see pin()
 
     # -- learning -------------------------------------------------------------------------
     def _admit(self, x: dict[str, float], ts: int) -> dict[str, float]:
@@ -108,10 +109,21 @@ class FTRLRanker:
     def predict_one(self, ex: Example, mf: float | None = None) -> float:
         return float(self.model.predict_proba_one(features(ex["user"], ex["item_id"], ex["item"], mf))[True])
 
-    def learn_one(self, ex: Example, mf: float | None = None) -> float:
-        """Learn from one example; returns the probability predicted just before (test-then-train)."""
+    def pin(self) -> None:
+        """Remember the current weights as the served version's, to score examples with both
+        (the quality gate compares the two on the same examples)."""
+        self.pinned = (dict(self.model._weights), self.model.intercept)
+
+    def learn_one(self, ex: Example, mf: float | None = None) -> tuple[float, float | None]:
+        """Learn from one example; returns the probability predicted just before (test-then-train),
+        and the one the pinned weights predict (None when nothing is pinned)."""
         x = self._admit(features(ex["user"], ex["item_id"], ex["item"], mf), ex["ts"])
         p = float(self.model.predict_proba_one(x)[True])
+        p_pinned = None
+        if self.pinned is not None:
+            w, b = self.pinned
+            z = b + sum(w.get(k, 0.0) * v for k, v in x.items())
+            p_pinned = 1.0 / (1.0 + math.exp(-max(-500.0, min(500.0, z))))
         self.model.learn_one(x, bool(ex["label"]))
         self._changed.update(x)
         self.examples += 1
@@ -119,7 +131,7 @@ class FTRLRanker:
             self.newest = ex["ts"]
         if self.examples % 10_000 == 0:
             self.expire()
-        return p
+        return p, p_pinned
 
     def expire(self) -> int:
         """Forget sparse features unseen for ``ttl_ms`` of event time; returns how many."""

@@ -47,13 +47,15 @@ class OnlineRecommender:
     def models(self) -> dict[str, Model]:
         return {self.ranker.name: self.ranker, self.embedding.name: self.embedding}
 
-    def learn_one(self, ex: Example) -> float:
-        """Learn from one example; returns the ranker's probability from just before."""
+    def learn_one(self, ex: Example) -> tuple[float, float | None] | None:
         return self.learn_many([ex])[0]
 
-    def learn_many(self, examples: list[Example]) -> list[float]:
+    def learn_many(self, examples: list[Example]) -> list[tuple[float, float | None] | None]:
         """Learn from the examples of one event (a positive and its negatives share the user):
-        the embedding scores all their items in one call, before learning from any of them."""
+        the embedding scores all their items in one call, before learning from any of them.
+
+        For each example, the ranker's probability from just before and the pinned (served)
+        weights' one (:meth:`FTRLRanker.learn_one`), or None for an example it skips."""
         if not examples:
             return []
         first = examples[0]
@@ -63,7 +65,7 @@ class OnlineRecommender:
             mfs = self.embedding.score_many(first["user"], items, first["user_id"]).tolist()
         else:
             mfs = [float(self.embedding.score_many(ex["user"], [ex["item_id"]], ex["user_id"])[0]) for ex in examples]
-        out = [self.ranker.learn_one(ex, mf=mf) if ex["item"] is not None else self.ranker.predict_one(ex, mf)
+        out = [self.ranker.learn_one(ex, mf=mf) if ex["item"] is not None else None
                for ex, mf in zip(examples, mfs, strict=True)]
         for ex in examples:
             self.embedding.learn_one(ex)

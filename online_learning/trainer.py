@@ -68,7 +68,7 @@ class Trainer:
         self.gate = QualityGate(max_abs=settings.gate_max_abs, margin=settings.gate_margin)
         self.topic = examples_topic(settings)
         self.offsets: dict[int, int] = {}
-        self.version, self.served_auc = 0, None
+        self.version = 0
         chain = self.store.catch_up(0)
         rec = rebuild(chain)
         if rec is None:
@@ -78,7 +78,7 @@ class Trainer:
             self.rec = rec
             self.version = chain[-1].version
             self.offsets = {int(p): o for p, o in chain[-1].meta.get("offsets", {}).items()}
-            self.served_auc = chain[-1].meta.get("auc")
+            self.rec.ranker.pin()
             self.log(f"resumed at version {self.version} (snapshot {chain[0].version} + {len(chain) - 1} deltas), "
                      f"offsets {self.offsets}")
         self.rec.state_delta()  # what was rebuilt is published already
@@ -98,8 +98,9 @@ class Trainer:
                     and examples[j]["ts"] == examples[i]["ts"]:
                 j += 1
             group = examples[i:j]
-            for ex, p in zip(group, self.rec.learn_many(group), strict=True):
-                self.gate.observe(p, ex["label"])
+            for ex, scored in zip(group, self.rec.learn_many(group), strict=True):
+                if scored is not None:
+                    self.gate.observe(scored[0], ex["label"], scored[1])
             self.learned += len(group)
             i = j
 
@@ -113,7 +114,7 @@ class Trainer:
         rec = rebuild(chain, self.rec)
         if rec is not None and chain:
             self.rec, self.version = rec, chain[-1].version
-            self.served_auc = chain[-1].meta.get("auc")
+            self.rec.ranker.pin()
             self.rec.state_delta()
             self.log(f"following version {self.version} published elsewhere"
                      + (f" (rollback to {chain[-1].meta['rollback_of']})" if "rollback_of" in chain[-1].meta else ""))
@@ -129,7 +130,7 @@ class Trainer:
             return None
         reason = None
         for name, blob in blobs.items():
-            reason = self.gate.check(decode(blob)[1], self.served_auc)
+            reason = self.gate.check(decode(blob)[1])
             if reason:
                 reason = f"{name}: {reason}"
                 break
@@ -141,7 +142,7 @@ class Trainer:
         auc = self.gate.auc()
         meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "auc": auc, "examples": self.learned}
         self.version = self.store.publish("snapshot" if snapshot else "delta", blobs, self.version, meta)
-        self.served_auc = auc if auc is not None else self.served_auc
+        self.rec.ranker.pin()  # what serves from now on: the gate's reference
         self.need_snapshot = False
         self.last_kind = "snapshot" if snapshot else "delta"
         return self.version

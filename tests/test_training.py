@@ -62,11 +62,14 @@ def test_job_emits_examples_with_features_from_before_the_event(shared: Settings
         assert n["item_id"] != twin["item_id"] and n["user"] == twin["user"]
 
 
+LOG: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def trainer(shared: Settings) -> Iterator[Trainer]:
     """A trainer over the shared job's examples, publishing into the shared project."""
     settings = shared.replace(publish_interval_ms=100, snapshot_interval_seconds=2, min_count=1)
-    t = Trainer(settings, log=lambda m: None)
+    t = Trainer(settings, log=LOG.append)
     thread = threading.Thread(target=t.run, kwargs={"stop_after_idle_s": 600}, daemon=True)
     thread.start()
     yield t
@@ -113,6 +116,21 @@ def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Setting
         assert "not a stored snapshot" in capsys.readouterr().err
         assert cli.main(["model", "list"]) == 0
         assert f"rollback of {old}" in capsys.readouterr().out
+
+
+def test_gate_refuses_broken_parameters_and_says_why(shared: Settings, trainer: Trainer) -> None:
+    produce(shared, generated("gate-", 200, seed=12))
+    weights = trainer.rec.ranker.model._weights
+    weights["i_views"] = float("nan")
+    head = trainer.store.head()
+    wait_until(lambda: any("refused to publish" in m and "NaN" in m for m in LOG), 30, "a refusal with its reason")
+    assert trainer.store.head() == head  # nothing went out
+    # NaN spreads through learning (gradients, FTRL's z and n): the way out is a rollback, which
+    # the trainer loads and learns on from; its next publish is a whole snapshot.
+    back = trainer.store.rollback(trainer.store.snapshots()[-1])
+    wait_until(lambda: trainer.store.head() > back, 30, "publishing to resume after the rollback")
+    assert trainer.store.get(back + 1).kind == "snapshot"
+    assert not np.isnan(trainer.rec.ranker.parameters()).any()
 
 
 def test_restarted_trainer_resumes_exactly_where_published(shared: Settings, trainer: Trainer) -> None:
