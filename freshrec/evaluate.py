@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import multiprocessing as mp
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -40,11 +41,11 @@ from tqdm import tqdm
 
 from connectors.logfile import open_log
 from connectors.schema import BehaviorEvent, InvalidEvent, validate
-from online_learning.examples import ExampleBuilder
+from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
 from serving.candidates import merge
 from serving.ranking import rank
-from streaming.state import Ev, ItemState, Neighbours, RecentViews, Spec, UserState
+from streaming.state import Ev, Neighbours, RecentViews, Spec
 
 PROTOCOLS = ("next_item", "next_new_item")
 METHODS = ("online", "online_embedding", "frozen", "frozen_embedding", "popularity", "recent_items", "item_knn")
@@ -118,23 +119,47 @@ class Scores:
             self.sums[key][m] += v
             self.slices[part][key][m] += v
 
+    def merge(self, other: Scores) -> None:
+        """Add another process's sums (each process scores its own methods over the same events)."""
+        self.n.update(other.n)
+        for key, sums in other.sums.items():
+            self.sums[key].update(sums)
+        for part, by_key in other.slices.items():
+            for key, sums in by_key.items():
+                self.slices[part][key].update(sums)
+        for part, n in other.slice_n.items():
+            self.slice_n[part].update(n)
+
+    def plain(self) -> Scores:
+        """A copy without lambdas, to send from a worker process."""
+        copy = Scores()
+        copy.merge(self)
+        copy.slices = {p: dict(v) for p, v in copy.slices.items()}  # type: ignore[assignment]
+        copy.sums, copy.slice_n = dict(copy.sums), dict(copy.slice_n)  # type: ignore[assignment]
+        return copy
+
     def table(self) -> dict[str, dict[str, dict[str, float]]]:
         return {p: {m: {metric: self.sums[f"{p}/{m}"][metric] / max(1, self.n[f"{p}/{m}"]) for metric in METRICS}
                     | {"events": self.n[f"{p}/{m}"]} for m in METHODS} for p in PROTOCOLS}
 
 
 class Evaluation:
-    def __init__(self, spec: Spec | None = None, freeze_at: float = 0.2, slices: int = 20, seed: int = 0) -> None:
+    """``part`` splits the work between two processes over the same events: ``live`` scores
+    every method but the frozen copies; ``frozen`` scores only those, and stops learning at
+    the freeze point. ``all`` does both in one process."""
+
+    def __init__(self, spec: Spec | None = None, freeze_at: float = 0.2, slices: int = 20, seed: int = 0,
+                 part: str = "all") -> None:
+        if part not in ("all", "live", "frozen"):
+            raise ValueError(f"part must be all, live or frozen, not {part!r}")
+        self.part = part
         self.spec = spec or Spec()
         self.freeze_at, self.n_slices = freeze_at, slices
-        self.users: dict[str, UserState] = {}
-        self.items: dict[str, ItemState] = {}
-        self.item_cache: dict[str, dict[str, Any] | None] = {}  # features until the item's next event
+        self.batch = BatchExamples(ExampleBuilder(seed=seed), self.spec)
         self.views: dict[str, RecentViews] = {}
         self.neighbours: dict[str, Neighbours] = {}
         self.seen: dict[str, set[str]] = defaultdict(set)
         self.popularity = SlidingPopularity(self.spec.window_ms)
-        self.builder = ExampleBuilder(seed=seed)
         self.online = OnlineRecommender.default(seed=seed)
         self.frozen: OnlineRecommender | None = None
         self.scores = Scores()
@@ -160,7 +185,7 @@ class Evaluation:
         todo = [i for i in cands if i not in known]
         for i in todo:
             if i not in cache:
-                cache[i] = self._item_features(i)
+                cache[i] = self.batch.item_features(i)
         if todo:
             known.update(zip(todo, rec.score_many(user, [(i, cache[i]) for i in todo], user_id).tolist(), strict=True))
         ranked = sorted(cands, key=lambda i: -known[i])[:DEPTH]
@@ -179,37 +204,34 @@ class Evaluation:
                 exclude = seen
             else:
                 exclude = set()
-            lists = {
-                "popularity": [i for i in self.popularity.top if i not in exclude][:DEPTH],
-                "recent_items": [i for i in recent if i not in exclude][:DEPTH],
-                "item_knn": [i for i in knn if i not in exclude][:DEPTH],
-            }
-            lists["online"], lists["online_embedding"] = self._ranked(self.online, user, ev.user_id, knn, recent,
-                                                                      exclude, cache, memos["online"])
-            if self.frozen is None:  # before the freeze point both are the same model
-                lists["frozen"], lists["frozen_embedding"] = lists["online"], lists["online_embedding"]
-            else:
-                lists["frozen"], lists["frozen_embedding"] = self._ranked(self.frozen, user, ev.user_id, knn, recent,
-                                                                          exclude, cache, memos["frozen"])
+            lists: dict[str, list[str]] = {}
+            if self.part != "frozen":
+                lists["popularity"] = [i for i in self.popularity.top if i not in exclude][:DEPTH]
+                lists["recent_items"] = [i for i in recent if i not in exclude][:DEPTH]
+                lists["item_knn"] = [i for i in knn if i not in exclude][:DEPTH]
+            if self.part != "frozen" or self.frozen is None:
+                lists["online"], lists["online_embedding"] = self._ranked(self.online, user, ev.user_id, knn,
+                                                                          recent, exclude, cache, memos["online"])
+            if self.part != "live":
+                if self.frozen is None:  # before the freeze point both are the same model
+                    lists["frozen"], lists["frozen_embedding"] = lists["online"], lists["online_embedding"]
+                else:
+                    lists["frozen"], lists["frozen_embedding"] = self._ranked(
+                        self.frozen, user, ev.user_id, knn, recent, exclude, cache, memos["frozen"])
+                if self.part == "frozen":
+                    lists.pop("online", None)
+                    lists.pop("online_embedding", None)
             for method, ranked in lists.items():
                 self.scores.record(protocol, method, ranked, ev.item_id, part)
-
-    def _item_features(self, item: str) -> dict[str, Any] | None:
-        if item not in self.item_cache:
-            st = self.items.get(item)
-            self.item_cache[item] = st.features() if st else None
-        return self.item_cache[item]
 
     # -- learning ------------------------------------------------------------------------------
     def _learn(self, ev: BehaviorEvent, user: dict[str, Any] | None) -> None:
         e = Ev(ev.event_id, ev.user_id, ev.item_id, ev.behavior, ev.ts, ev.category_id or "")
-        if not self.users.setdefault(ev.user_id, UserState()).add(e, self.spec):
+        if ev.user_id in self.batch.users and ev.event_id in self.batch.users[ev.user_id].seen:
             return  # a duplicate: the streaming job drops it at the user too
-        self.online.learn_many(self.builder.add(e, user, self._item_features(ev.item_id)))
-        st = self.items.setdefault(ev.item_id, ItemState())
-        st.add(e, self.spec)
-        self.item_cache[ev.item_id] = after = st.features()
-        self.builder.observe_item(ev.item_id, after)
+        examples = self.batch.add(e, user)
+        if self.part != "frozen" or self.frozen is None:
+            self.online.learn_many(examples)
         if ev.behavior == "view":
             for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
                 self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
@@ -221,10 +243,9 @@ class Evaluation:
         freeze = int(len(events) * self.freeze_at)
         per_slice = max(1, math.ceil(len(events) / self.n_slices))
         for n, ev in enumerate(tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5)):
-            if n == freeze and self.frozen is None:
+            if n == freeze and self.frozen is None and self.part != "live":
                 self.frozen = OnlineRecommender.restore(self.online.snapshot())
-            st = self.users.get(ev.user_id)
-            user = st.features(self.spec) if st else None
+            user = self.batch.user_features(ev.user_id)
             if user is not None:
                 self._test(ev, user, n // per_slice)
             self._learn(ev, user)
@@ -244,7 +265,7 @@ class Evaluation:
                 "events_per_second": round(n_events / max(seconds, 1e-9)), "freeze_at": self.freeze_at,
                 "protocols": list(PROTOCOLS), "methods": list(METHODS),
                 "overall": self.scores.table(), "over_time": slices,
-                "examples": dict(self.builder.stats),
+                "examples": dict(self.batch.builder.stats),
                 "model_size": {"ftrl_weights": self.online.ranker.size, "two_tower_rows": self.online.embedding.size,
                                "two_tower_evicted": self.online.embedding.users.evicted
                                + self.online.embedding.items.evicted}}
@@ -284,16 +305,39 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_EVENTS: list[BehaviorEvent] = []  # handed to forked workers without pickling
+
+
+def _work(part: str, progress: bool) -> tuple[Scores, dict[str, int], dict[str, int]]:
+    ev = Evaluation(part=part)
+    for _ in ev.run(_EVENTS, progress):
+        pass
+    rec = ev.online
+    sizes = {"ftrl_weights": rec.ranker.size, "two_tower_rows": rec.embedding.size,
+             "two_tower_evicted": rec.embedding.users.evicted + rec.embedding.items.evicted}
+    return ev.scores.plain(), dict(ev.batch.builder.stats), sizes
+
+
 def evaluate(source: Path, fmt: str = "auto", out: Path = Path("bench/results"), limit: int | None = None,
              progress: bool = True) -> dict[str, Any]:
+    """Evaluate a log; the frozen copies are scored by a second process (two cores, half the time)."""
     events, refused = load_events(source, fmt, limit)
     if not events:
         raise ValueError(f"{source}: no valid events to evaluate" + (f" ({dict(refused)})" if refused else ""))
     started = time.perf_counter()
+    _EVENTS[:] = events
+    try:
+        with mp.get_context("fork").Pool(2) as pool:
+            frozen = pool.apply_async(_work, ("frozen", False))
+            live = pool.apply_async(_work, ("live", progress))
+            (scores, stats, sizes), (frozen_scores, _, _) = live.get(), frozen.get()
+    finally:
+        _EVENTS.clear()
     ev = Evaluation()
-    for _ in ev.run(events, progress):
-        pass
+    ev.scores.merge(scores)
+    ev.scores.merge(frozen_scores)
     report = ev.report(str(source), len(events), time.perf_counter() - started, dict(refused))
+    report["examples"], report["model_size"] = stats, sizes
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluate.json").write_text(json.dumps(report, indent=1))
     plot(report, out / "evaluate.png")

@@ -306,7 +306,8 @@ class TwoTower:
         self.newest, self.examples = header["newest"], header["examples"]
 
     def snapshot(self) -> bytes:
-        self.step()  # nothing learned stays only in the buffer
+        """The parameters as they are (pairs waiting for a full batch are not parameters yet:
+        the trainer calls :meth:`step` before it publishes). Taking one changes nothing."""
         arrays: dict[str, np.ndarray] = {}
         for name, table in (("u_", self.users), ("i_", self.items)):
             arrays |= {name + k: v for k, v in table.rows(sorted(table.ids)).items()}

@@ -35,7 +35,7 @@ import random
 from collections import Counter, OrderedDict
 from typing import Any, TypedDict
 
-from streaming.state import Ev
+from streaming.state import Ev, ItemState, Spec, UserState
 
 CONVERSIONS = ("click", "cart", "fav", "buy")
 
@@ -132,3 +132,47 @@ class ExampleBuilder:
         else:
             self.pool[self.pool_at] = item
             self.pool_at = (self.pool_at + 1) % self.pool_size
+
+
+class BatchExamples:
+    """The builder run in batch over a log, with the streaming job's own feature state
+    (streaming/state.py): each event's examples carry the features the job would have had
+    just before it, and duplicates are dropped at the user as the job drops them.
+
+    >>> b = BatchExamples(ExampleBuilder(negatives=0))
+    >>> first = b.add(Ev("e1", "u", "a", "view", 1_000, ""))
+    >>> second = b.add(Ev("e2", "u", "b", "view", 2_000, ""))
+    >>> first[0]["user"], second[0]["user"]["last_viewed_items"]
+    (None, ['a'])
+    >>> b.add(Ev("e2", "u", "b", "view", 2_000, ""))  # a duplicate
+    []
+    """
+
+    def __init__(self, builder: ExampleBuilder, spec: Spec | None = None) -> None:
+        self.builder, self.spec = builder, spec or Spec()
+        self.users: dict[str, UserState] = {}
+        self.items: dict[str, ItemState] = {}
+        self.item_cache: dict[str, dict[str, Any] | None] = {}  # features until the item's next event
+
+    def user_features(self, user: str) -> dict[str, Any] | None:
+        st = self.users.get(user)
+        return st.features(self.spec) if st else None
+
+    def item_features(self, item: str) -> dict[str, Any] | None:
+        if item not in self.item_cache:
+            st = self.items.get(item)
+            self.item_cache[item] = st.features() if st else None
+        return self.item_cache[item]
+
+    def add(self, ev: Ev, user: dict[str, Any] | None = None) -> list[Example]:
+        """Fold one event in; its examples (``user``: its user's features before, if known already)."""
+        if user is None:
+            user = self.user_features(ev.user_id)
+        if not self.users.setdefault(ev.user_id, UserState()).add(ev, self.spec):
+            return []
+        examples = self.builder.add(ev, user, self.item_features(ev.item_id))
+        st = self.items.setdefault(ev.item_id, ItemState())
+        st.add(ev, self.spec)
+        self.item_cache[ev.item_id] = after = st.features()
+        self.builder.observe_item(ev.item_id, after)
+        return examples

@@ -58,6 +58,7 @@ class ModelInfo(BaseModel):
     applied_ms: int | None
     lag_ms: int | None  # now - publish time of the served version
     error: str | None
+    item: dict[str, bool] | None = None  # with ?item_id=: which models have parameters for it
 
 
 class IngestResult(BaseModel):
@@ -98,11 +99,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/model", response_model=ModelInfo)
-    def model() -> ModelInfo:
+    def model(item_id: Annotated[str | None, Query(min_length=1, max_length=128,
+                                                   description="also say whether this item has parameters")] = None,
+              ) -> ModelInfo:
         """The parameter version being served and how old it is."""
         now = int(time.time() * 1000)
         return ModelInfo(version=models.version, published_ms=models.published_ms, applied_ms=models.applied_ms,
-                         lag_ms=now - models.published_ms if models.published_ms else None, error=models.error)
+                         lag_ms=now - models.published_ms if models.published_ms else None, error=models.error,
+                         item=models.knows(item_id) if item_id else None)
 
     @app.get("/recommendations", response_model=Recommendations)
     def recommendations(

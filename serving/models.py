@@ -86,6 +86,15 @@ class ServedModels:
                 return None
             return self.recommender.score_many(user, candidates, user_id), self.version
 
+    def knows(self, item_id: str) -> dict[str, bool]:
+        """Whether the served version has parameters for an item (admitted and not evicted)."""
+        with self.lock:
+            rec = self.recommender
+            if rec is None:
+                return {"embedding": False, "ranker": False}
+            return {"embedding": rec.embedding.items.get(item_id) >= 0,
+                    "ranker": f"item={item_id}" in rec.ranker.model._weights}
+
     def retrieve(self, user: dict[str, Any] | None, k: int, user_id: str, exclude: set[str]) -> list[str]:
         with self.lock:
             if self.recommender is None:

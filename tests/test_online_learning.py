@@ -241,3 +241,11 @@ def test_movielens_and_evaluation_on_a_generated_log(tmp_path: Path) -> None:
     assert new["recent_items"]["hr@10"] == 0.0  # excluded by the protocol, by construction
     report = ev.report(str(path), len(events), 1.0, dict(refused))
     assert len(report["over_time"]) == 5
+    # split over two processes (live methods | frozen copies), the sums are the same
+    merged = Evaluation(slices=5)
+    for part in ("live", "frozen"):
+        half = Evaluation(freeze_at=0.2, slices=5, part=part)
+        for _ in half.run(events, progress=False):
+            pass
+        merged.scores.merge(half.scores.plain())
+    assert merged.scores.table() == table

@@ -98,8 +98,9 @@ def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Setting
         sent = time.monotonic()
         produce(shared, [probe])
         models: ServedModels = app.state.models
-        wait_until(lambda: models.recommender is not None and models.recommender.embedding.items.get("tr-probe") >= 0,
+        wait_until(lambda: client.get("/model", params={"item_id": "tr-probe"}).json()["item"]["embedding"],
                    30, "the probe item's parameters to reach the API")
+        assert models.recommender.embedding.items.get("tr-probe") >= 0
         assert client.get("/model").json()["version"] > before
         print(f"event -> parameters in the API: {time.monotonic() - sent:.2f} s")
 

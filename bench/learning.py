@@ -1,0 +1,180 @@
+"""Online-learning benchmarks; writes bench/results/learning.json.
+
+1. Learner throughput, examples/s on one core (torch and BLAS single-threaded), of each model
+   and of the pair as the trainer runs them, over examples built from the workload (the Taobao
+   slice in ../shared/data when present, else the simulator) by the batch example builder.
+2. Embedding-table memory over a long replay: the workload looped ``--loops`` times with new
+   item and user ids each loop (a catalogue that turns over), with TTL + LRU eviction and
+   without; rows and bytes every 10% of the run.
+3. Event -> new parameters visible in the API, on the embedded stack (broker, PyFlink job,
+   trainer, API, all on this machine) under ``--rate`` events/s of background load: each probe
+   is two views of a brand-new item (admission needs two sightings), timed from sending to
+   ``GET /model?item_id=`` reporting that the served version has the item's row. p50/p99.
+
+    python bench/learning.py [--events 50000] [--loops 4] [--rate 300] [--probes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from freshness import workload  # noqa: E402
+
+from connectors.embedded import free_port  # noqa: E402
+from connectors.kafka import EventProducer  # noqa: E402
+from connectors.schema import BehaviorEvent  # noqa: E402
+from freshrec.config import Settings  # noqa: E402
+from freshrec.stack import Stack  # noqa: E402
+from online_learning.embeddings import TwoTower  # noqa: E402
+from online_learning.examples import BatchExamples, Example, ExampleBuilder  # noqa: E402
+from online_learning.ranker import FTRLRanker  # noqa: E402
+from online_learning.recommender import OnlineRecommender  # noqa: E402
+from streaming.state import Ev  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def examples_of(events: list[BehaviorEvent]) -> list[list[Example]]:
+    batch = BatchExamples(ExampleBuilder())
+    out = []
+    for e in events:
+        group = batch.add(Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""))
+        if group:
+            out.append(group)
+    return out
+
+
+def throughput(groups: list[list[Example]]) -> dict[str, Any]:
+    n = sum(len(g) for g in groups)
+    out: dict[str, Any] = {"examples": n}
+    for name, make in (("ftrl", FTRLRanker), ("two_tower", TwoTower)):
+        model = make()
+        started = time.perf_counter()
+        for g in groups:
+            for ex in g:
+                model.learn_one(ex)
+        out[f"{name}_examples_per_s"] = round(n / (time.perf_counter() - started))
+    rec = OnlineRecommender.default()
+    started = time.perf_counter()
+    for g in groups:
+        rec.learn_many(g)
+    out["trainer_examples_per_s"] = round(n / (time.perf_counter() - started))
+    return out
+
+
+def memory(events: list[BehaviorEvent], loops: int) -> dict[str, Any]:
+    span = events[-1].ts - events[0].ts + 1000
+    looped = [replace(e, user_id=f"{e.user_id}~{k}", item_id=f"{e.item_id}~{k}", event_id=f"{e.event_id}~{k}",
+                      ts=e.ts + k * span) for k in range(loops) for e in events]
+    groups = examples_of(looped)
+    ttl = span  # an id unseen for one loop's span is gone
+    runs = {"with_eviction": TwoTower(ttl_ms=ttl, max_rows=len(events) // 2),
+            "without_eviction": TwoTower(ttl_ms=10**15, max_rows=None)}
+    out: dict[str, Any] = {"events": len(looped), "loops": loops, "ttl_ms": ttl}
+    for name, model in runs.items():
+        trace = []
+        step = max(1, len(groups) // 10)
+        for n, g in enumerate(groups):
+            for ex in g:
+                model.learn_one(ex)
+            if n % step == step - 1:
+                trace.append({"events_done": n + 1, "item_rows": len(model.items), "user_rows": len(model.users),
+                              "table_mb": round((model.items.nbytes + model.users.nbytes) / 2**20, 1)})
+        out[name] = {"trace": trace, "evicted": model.items.evicted + model.users.evicted}
+    return out
+
+
+def visibility(rate: float, probes: int, events: list[BehaviorEvent]) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
+    settings = Settings.from_env(state_dir=state, api_port=free_port())
+    stack = Stack.start(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+    s = stack.settings
+    stop = threading.Event()
+
+    def background() -> None:
+        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="bench") as p:
+            started, n = time.monotonic(), 0
+            for e in events:
+                if stop.is_set():
+                    break
+                p.send_valid(replace(e, ts=int(time.time() * 1000)))
+                n += 1
+                wait = started + n / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+
+    load = threading.Thread(target=background, daemon=True)
+    latencies: list[float] = []
+    missed = 0
+    try:
+        load.start()
+        time.sleep(20)  # let the job and the trainer reach a steady state under load
+        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="probe") as p, \
+                httpx.Client(base_url=stack.api_url, timeout=2) as api:
+            for k in range(probes):
+                item = f"probe-{k}-{time.time_ns()}"
+                sent = time.monotonic()
+                for u in ("probe-user-a", "probe-user-b"):
+                    p.send({"user_id": u, "item_id": item, "behavior": "view", "ts": int(time.time() * 1000)})
+                p.flush()
+                while time.monotonic() - sent < 30:
+                    if api.get("/model", params={"item_id": item}).json()["item"]["embedding"]:
+                        latencies.append((time.monotonic() - sent) * 1000)
+                        break
+                    time.sleep(0.01)
+                else:
+                    missed += 1
+                time.sleep(0.3)
+    finally:
+        stop.set()
+        load.join(10)
+        stack.stop()
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return {"background_rate": rate, "probes": probes, "visible": len(latencies), "missed_30s": missed,
+            "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
+            "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--loops", type=int, default=4)
+    ap.add_argument("--rate", type=float, default=300)
+    ap.add_argument("--probes", type=int, default=60)
+    ap.add_argument("--skip-stack", action="store_true", help="only the in-process figures")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    source, events = workload(args.events, int(time.time() * 1000) - 86_400_000)
+    print(f"workload: {source}, {len(events)} events", file=sys.stderr)
+    report: dict[str, Any] = {"workload": source, "machine": f"{platform.machine()}, {platform.python_version()}",
+                              "when": time.strftime("%Y-%m-%d %H:%M")}
+    groups = examples_of(events)
+    report["throughput"] = throughput(groups)
+    print(json.dumps(report["throughput"]), file=sys.stderr)
+    report["memory"] = memory(events[: min(len(events), 30_000)], args.loops)
+    print(json.dumps({k: v["trace"][-1] for k, v in report["memory"].items() if isinstance(v, dict)}), file=sys.stderr)
+    if not args.skip_stack:
+        report["visibility"] = visibility(args.rate, args.probes, events)
+        print(json.dumps(report["visibility"]), file=sys.stderr)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "learning.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {RESULTS / 'learning.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
