@@ -143,10 +143,11 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent]) -> dict[st
         stop.set()
         load.join(10)
         stack.stop()
-    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
     return {"background_rate": rate, "probes": probes, "visible": len(latencies), "missed_30s": missed,
             "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
-            "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms}
+            "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms,
+            "latencies_ms": [round(x) for x in latencies]}
 
 
 def main() -> int:

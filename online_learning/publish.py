@@ -2,14 +2,17 @@
 
 Every publish gets the next version of a Redis counter, so versions only grow. A version is
 a hash ``<project>:model:v:<version>`` holding one blob per model that changed, its kind
-(``delta`` or ``snapshot``), its ``base`` (the version a delta applies on top of), the
+(``delta`` or ``snapshot``), its ``base`` (the version a delta applies on top of; for a
+snapshot, the version whose state it equals, 0 if none: a rollback), the
 Kafka offsets the trainer had consumed, the prequential metric and the time. The sorted
 set ``<project>:model:log`` lists versions in order; ``<project>:model:snapshots`` the
 snapshots. Deltas expire after ``delta_ttl_s``; snapshots are kept (the newest
 ``keep_snapshots``), so a reader that fell behind, or a rollback, starts from one.
 
 A reader applies a delta only on top of its base; any gap (expired delta, a rollback, a new
-trainer) sends it back to the newest snapshot. :meth:`ParameterStore.rollback` publishes an
+trainer) sends it back to the newest snapshot. A reader already at a snapshot's base skips
+its content (a periodic snapshot changes nothing; rebuilding a big model from one takes
+seconds, and every reader would stall on it once a minute). :meth:`ParameterStore.rollback` publishes an
 old snapshot again as a new version, so everyone follows it the same way, the trainer too.
 """
 
@@ -48,7 +51,7 @@ class ParameterStore:
         if kind not in ("delta", "snapshot"):
             raise ValueError(f"kind must be delta or snapshot, not {kind!r}")
         version = int(self.client.incr(f"{self.prefix}:version"))
-        mapping: dict[str, Any] = {"kind": kind, "base": base if kind == "delta" else 0,
+        mapping: dict[str, Any] = {"kind": kind, "base": base,
                                    "created_ms": int(time.time() * 1000), "meta": json.dumps(meta or {})}
         mapping |= {BLOB + name: blob for name, blob in blobs.items()}
         pipe = self.client.pipeline(transaction=True)  # readers see a version whole or not at all
@@ -76,8 +79,13 @@ class ParameterStore:
         if first_kept:
             self.client.zremrangebyscore(f"{self.prefix}:log", "-inf", f"({int(first_kept[0])}")
 
-    def get(self, version: int) -> Version | None:
-        raw = self.client.hgetall(self._key(version))
+    def get(self, version: int, blobs: bool = True) -> Version | None:
+        if blobs:
+            raw = self.client.hgetall(self._key(version))
+        else:
+            names = ("kind", "base", "created_ms", "meta")
+            values = self.client.hmget(self._key(version), names)
+            raw = {k.encode(): v for k, v in zip(names, values, strict=True) if v is not None}
         if not raw:
             return None
         fields = {k.decode(): v for k, v in raw.items()}
@@ -98,33 +106,33 @@ class ParameterStore:
 
     def catch_up(self, served: int) -> list[Version]:
         """What a reader at ``served`` applies to reach the head: the deltas after it, or, when
-        the chain is broken, the newest snapshot and the deltas after that."""
-        out: list[Version] = []
-        at = served
-        for v in self.versions_after(served):
-            ver = self.get(v)
-            if ver is None:
-                continue  # expired meanwhile; the chain check below notices
-            if ver.kind == "snapshot" or ver.base == at:
-                out.append(ver)
-                at = v
-            else:
-                return self._from_snapshot()
-        return out
-
-    def _from_snapshot(self) -> list[Version]:
+        the chain is broken (or it has nothing yet), the newest snapshot and the deltas after that."""
+        if served:
+            chain = self._walk(served)
+            if chain is not None:
+                return chain
         snaps = self.snapshots()
-        if not snaps:
-            return []
-        start = self.get(snaps[-1])
+        start = self.get(snaps[-1]) if snaps else None
         if start is None:
             return []
-        out, at = [start], start.version
-        for v in self.versions_after(start.version):
-            ver = self.get(v)
-            if ver is None or (ver.kind == "delta" and ver.base != at):
-                break
-            out.append(ver)
+        return [start] + (self._walk(start.version) or [])
+
+    def _walk(self, at: int) -> list[Version] | None:
+        """The versions after ``at`` that apply in a chain; None at a break."""
+        out: list[Version] = []
+        for v in self.versions_after(at):
+            head = self.get(v, blobs=False)
+            if head is None:
+                continue  # expired meanwhile: the next one's base will not match
+            if head.kind == "snapshot" and head.base and head.base == at:
+                out.append(head)  # the state we have: move on without its blobs
+            elif head.kind == "snapshot" or head.base == at:
+                ver = self.get(v)
+                if ver is None:
+                    return None
+                out.append(ver)
+            else:
+                return None
             at = v
         return out
 
@@ -134,4 +142,4 @@ class ParameterStore:
         if old is None or old.kind != "snapshot":
             have = ", ".join(map(str, self.snapshots())) or "none"
             raise ValueError(f"version {to} is not a stored snapshot; snapshots kept: {have}")
-        return self.publish("snapshot", old.blobs, 0, {**old.meta, "rollback_of": to})
+        return self.publish("snapshot", old.blobs, 0, {**old.meta, "rollback_of": to})  # base 0: everyone loads it

@@ -51,7 +51,7 @@ def new_recommender(s: Settings) -> OnlineRecommender:
 def rebuild(chain: list[Version], rec: OnlineRecommender | None = None) -> OnlineRecommender | None:
     """Apply a chain from :meth:`ParameterStore.catch_up` (a snapshot first, or deltas on ``rec``)."""
     for ver in chain:
-        if ver.kind == "snapshot":
+        if ver.kind == "snapshot" and ver.blobs:  # without blobs: one equal to the state we have
             rec = OnlineRecommender.restore(ver.blobs)
         elif rec is not None:
             for blob in ver.blobs.values():
@@ -122,7 +122,12 @@ class Trainer:
     def publish(self, snapshot: bool = False) -> int | None:
         """Publish what changed (or everything); None when nothing changed or the gate refused."""
         self.rec.embedding.step()  # examples waiting for a full batch belong in what goes out
+        if snapshot and not self.need_snapshot and self.publish(snapshot=False) is None and self.need_snapshot:
+            return None  # the delta before it was refused
         snapshot = snapshot or self.need_snapshot
+        # A periodic snapshot follows a delta and equals the state at that version (its base), so
+        # readers there skip it; one after a refusal stands alone (base 0) and everyone loads it.
+        base = self.version if snapshot and not self.need_snapshot else 0
         blobs = self.rec.snapshot() if snapshot else self.rec.state_delta()
         if snapshot:
             self.rec.state_delta()  # the next delta starts from this snapshot
@@ -141,7 +146,8 @@ class Trainer:
             return None
         auc = self.gate.auc()
         meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "auc": auc, "examples": self.learned}
-        self.version = self.store.publish("snapshot" if snapshot else "delta", blobs, self.version, meta)
+        self.version = self.store.publish("snapshot" if snapshot else "delta", blobs,
+                                          base if snapshot else self.version, meta)
         self.rec.ranker.pin()  # what serves from now on: the gate's reference
         self.need_snapshot = False
         self.last_kind = "snapshot" if snapshot else "delta"

@@ -42,7 +42,7 @@ class ServedModels:
             return self.version
         # Build outside the lock when starting from a snapshot (seconds for a big model);
         # deltas are small and go in under it.
-        if chain[0].kind == "snapshot":
+        if chain[0].kind == "snapshot" and chain[0].blobs:  # a fresh start (blob-less: equal to ours)
             rec = rebuild(chain)
             with self.lock:
                 self.recommender = rec

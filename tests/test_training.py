@@ -153,3 +153,21 @@ def test_restarted_trainer_resumes_exactly_where_published(shared: Settings, tra
     cands = [(f"tr-i{i}", {"views": i}) for i in range(20)]
     for model in (trainer.rec, served.recommender):
         assert np.array_equal(twin.rec.score_many(user, cands, "tr-u1"), model.score_many(user, cands, "tr-u1"))
+
+
+def test_parameter_chain_skips_equal_snapshots_and_heals_gaps(redis_server) -> None:  # noqa: ANN001
+    client = redis.Redis(port=redis_server.port)
+    store = ParameterStore(client, "chain_test")
+    s1 = store.publish("snapshot", {"m": b"s1"}, 0)
+    d2 = store.publish("delta", {"m": b"d2"}, s1)
+    d3 = store.publish("delta", {"m": b"d3"}, d2)
+    s4 = store.publish("snapshot", {"m": b"s4"}, d3)  # equal to the state at d3
+    d5 = store.publish("delta", {"m": b"d5"}, s4)
+    assert [v.version for v in store.catch_up(0)] == [s4, d5]  # a new reader starts at the newest snapshot
+    at_d2 = store.catch_up(d2)
+    assert [(v.version, v.blobs) for v in at_d2] == [(d3, {"m": b"d3"}), (s4, {}), (d5, {"m": b"d5"})]
+    client.delete(f"chain_test:model:v:{d3}")  # an expired delta: a reader at d2 must start over
+    assert [v.version for v in store.catch_up(d2)] == [s4, d5]
+    back = store.rollback(s1)  # base 0: everyone loads it, even a reader that is up to date
+    assert [(v.version, v.blobs) for v in store.catch_up(d5)] == [(back, {"m": b"s1"})]
+    assert store.head() == back and store.get(back).meta["rollback_of"] == s1
