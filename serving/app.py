@@ -164,9 +164,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return None
         scores, version = scored
         order = sorted(range(len(cands)), key=lambda j: (-scores[j], cands[j][0]))[:k]
-        return [(cands[j][0], round(float(scores[j]), 6),
-                 [x for src in cands[j][1] for x in (why[cands[j][0]] if src == "covisit" else [src])])
-                for j in order], version
+        def sources(item: str, found_by: list[str]) -> list[str]:
+            return list(dict.fromkeys(x for src in found_by for x in (why[item] if src == "covisit" else [src])))
+
+        return [(cands[j][0], round(float(scores[j]), 6), sources(*cands[j])) for j in order], version
 
     @app.post("/events", response_model=IngestResult,
               responses={422: {"description": "some events were refused (they went to the DLQ)"}})
