@@ -35,7 +35,7 @@ import torch
 
 from online_learning.admission import CountingFilter
 from online_learning.examples import Example
-from online_learning.params import decode, encode, strings
+from online_learning.params import decode_for, encode, strings
 
 
 class DynamicTable:
@@ -297,9 +297,7 @@ class TwoTower:
         return encode(self._header("delta"), arrays)
 
     def apply_delta(self, blob: bytes) -> None:
-        header, arrays = decode(blob)
-        if header.get("model") != self.name:
-            raise ValueError(f"parameters of model {header.get('model')!r}, not {self.name!r}")
+        header, arrays = decode_for(blob, self.name)
         for name, table in (("u_", self.users), ("i_", self.items)):
             table.drop(arrays[name + "removed"].tolist())
             table.load(arrays, name)
@@ -316,9 +314,7 @@ class TwoTower:
 
     @classmethod
     def restore(cls, blob: bytes) -> TwoTower:
-        header, arrays = decode(blob)
-        if header.get("kind") != "snapshot":
-            raise ValueError("restore needs a snapshot, not a delta")
+        header, arrays = decode_for(blob, cls.name, "snapshot")
         model = cls(**header["hyper"])
         for name, table in (("u_", model.users), ("i_", model.items)):
             table.load(arrays, name)

@@ -46,6 +46,16 @@ def decode(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return header, arrays
 
 
+def decode_for(blob: bytes, model: str, kind: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`decode`, refusing parameters of another model, or of another kind when one is asked for."""
+    header, arrays = decode(blob)
+    if header.get("model") != model:
+        raise ParamsError(f"parameters of model {header.get('model')!r}, not {model!r}")
+    if kind is not None and header.get("kind") != kind:
+        raise ParamsError(f"expected a {kind}, got a {header.get('kind')}")
+    return header, arrays
+
+
 def strings(values: list[str]) -> np.ndarray:
     """Ids as a fixed-width unicode array (object arrays would need pickle)."""
     return np.array(values, dtype=str) if values else np.zeros(0, dtype="<U1")

@@ -35,7 +35,7 @@ from river import linear_model, optim
 
 from online_learning.admission import CountingFilter
 from online_learning.examples import Example
-from online_learning.params import decode, encode, strings
+from online_learning.params import decode_for, encode, strings
 
 USER_COUNTS = ("views", "clicks", "carts", "favs", "buys")
 ITEM_COUNTS = ("views", "carts", "buys", "events")
@@ -205,7 +205,7 @@ class FTRLRanker:
         return encode(self._header("delta"), arrays)
 
     def apply_delta(self, blob: bytes) -> None:
-        header, arrays = decode(blob)
+        header, arrays = decode_for(blob, self.name)
         self._load_rows(header, arrays)
         for k in arrays["removed"].tolist():
             self.model._weights.pop(k, None)
@@ -214,8 +214,6 @@ class FTRLRanker:
             self.last_seen.pop(k, None)
 
     def _load_rows(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        if header.get("model") != self.name:
-            raise ValueError(f"parameters of model {header.get('model')!r}, not {self.name!r}")
         w, z, n = self.model._weights, self.model.optimizer.z, self.model.optimizer.n
         for k, wk, zk, nk, seen in zip(arrays["keys"].tolist(), arrays["w"].tolist(), arrays["z"].tolist(),
                                        arrays["n"].tolist(), arrays["seen"].tolist(), strict=True):
@@ -234,9 +232,7 @@ class FTRLRanker:
 
     @classmethod
     def restore(cls, blob: bytes) -> FTRLRanker:
-        header, arrays = decode(blob)
-        if header.get("kind") != "snapshot":
-            raise ValueError("restore needs a snapshot, not a delta")
+        header, arrays = decode_for(blob, cls.name, "snapshot")
         model = cls(**header["hyper"])
         model._load_rows(header, arrays)
         model.admission.table = arrays["admission"].copy()

@@ -130,8 +130,10 @@ def test_ranker_restore_continues_identically() -> None:
     b = FTRLRanker.restore(a.snapshot())
     for e in data[300:]:
         assert a.learn_one(e) == b.learn_one(e)
-    with pytest.raises(ValueError, match="snapshot"):
+    with pytest.raises(ParamsError, match="expected a snapshot, got a delta"):
         FTRLRanker.restore(a.state_delta() or b"")
+    with pytest.raises(ParamsError, match="not 'two_tower'"):
+        TwoTower().apply_delta(a.snapshot())
 
 
 # -- the embedding model -----------------------------------------------------------------------
