@@ -9,6 +9,7 @@
   freshrec config                     every FRESHREC_* setting with its default
   freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
   freshrec model [list | rollback --to VERSION]   published model versions; serve an older snapshot again
+  freshrec train --source FILE        warm start: learn a historical log, publish the models as a snapshot
 """
 
 from __future__ import annotations
@@ -270,6 +271,31 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import redis
+
+    from connectors.logfile import LogFormatError
+    from freshrec.evaluate import load_events
+    from online_learning.trainer import warm_start
+
+    s = cli_settings()
+    try:
+        events, refused = load_events(Path(args.source), args.format, args.limit)
+    except LogFormatError as exc:
+        raise UserError(str(exc)) from None
+    if not events:
+        raise UserError(f"{args.source}: no valid events" + (f" (refused: {dict(refused)})" if refused else ""))
+    if refused:
+        print(f"refused {sum(refused.values())} rows: {dict(refused)}", file=sys.stderr)
+    try:
+        version, n = warm_start(s, events, progress=not args.quiet)
+    except redis.RedisError as exc:
+        raise UserError(f"Redis at {s.redis_url} unreachable: {exc}") from None
+    print(f"learned {n:,} examples from {len(events):,} events; published as snapshot version {version} "
+          f"(project {s.feast_project}); a running trainer and the API follow it")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     for name, default, doc in Settings.describe():
         print(f"{name:36} {default:28} {doc}")
@@ -313,6 +339,12 @@ def parser() -> argparse.ArgumentParser:
     md.add_argument("action", nargs="?", default="list", choices=["list", "rollback"])
     md.add_argument("--to", type=int, help="the snapshot version to serve again (with rollback)")
     md.set_defaults(func=cmd_model)
+    tr = sub.add_parser("train", help="warm start: learn a historical log and publish the models as a snapshot")
+    tr.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
+    tr.add_argument("--format", default="auto", choices=FORMATS)
+    tr.add_argument("--limit", type=int, help="only the first N events (in time order)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
     return p
 
 

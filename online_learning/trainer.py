@@ -210,6 +210,30 @@ class Trainer:
                 time.sleep(min(0.05 * 2**attempt, 1.0))
 
 
+def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> tuple[int, int]:
+    """Learn a historical log with the batch example builder (the streaming job's feature state,
+    the same examples) and publish the models as a snapshot; returns (version, examples).
+    A running trainer follows it and learns on from there; the API serves it."""
+    from tqdm import tqdm
+
+    from online_learning.examples import BatchExamples, ExampleBuilder
+    from streaming.state import Ev, Spec
+
+    rec = new_recommender(settings)
+    batch = BatchExamples(ExampleBuilder(positives=settings.positive_behaviors, negatives=settings.negatives,
+                                         attribution_ms=settings.attribution_seconds * 1000), Spec.of(settings))
+    n = 0
+    for e in tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="warm start"):
+        examples = batch.add(Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""))
+        rec.learn_many(examples)
+        n += len(examples)
+    rec.embedding.step()
+    store = ParameterStore(redis.Redis.from_url(settings.redis_url), settings.feast_project)
+    # No offsets: they belong to the examples topic, which this log never went through.
+    version = store.publish("snapshot", rec.snapshot(), 0, {"examples": n, "warm_start": len(events)})
+    return version, n
+
+
 def main() -> int:
     torch.set_num_threads(1)  # two cores, shared with the Flink job and the API
     settings = Settings.from_env()

@@ -171,3 +171,22 @@ def test_parameter_chain_skips_equal_snapshots_and_heals_gaps(redis_server) -> N
     back = store.rollback(s1)  # base 0: everyone loads it, even a reader that is up to date
     assert [(v.version, v.blobs) for v in store.catch_up(d5)] == [(back, {"m": b"s1"})]
     assert store.head() == back and store.get(back).meta["rollback_of"] == s1
+
+
+def test_warm_start_from_a_log_publishes_a_snapshot_readers_load(redis_server, tmp_path, monkeypatch,  # noqa: ANN001
+                                                                  capsys) -> None:  # noqa: ANN001
+    log = tmp_path / "history.jsonl"
+    rows = [{"user_id": f"w{n % 7}", "item_id": f"wi{n % 11}", "behavior": "view", "ts": 1_700_000_000_000 + n * 1000}
+            for n in range(400)]
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    monkeypatch.setenv("FRESHREC_REDIS_URL", f"redis://127.0.0.1:{redis_server.port}/0")
+    monkeypatch.setenv("FRESHREC_FEAST_PROJECT", "warm_test")
+    monkeypatch.setenv("FRESHREC_STATE_DIR", str(tmp_path / "state"))
+    assert cli.main(["train", "--source", str(log), "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert "from 400 events" in out.out and "refused 1 rows" in out.err
+    store = ParameterStore(redis.Redis(port=redis_server.port), "warm_test")
+    served = ServedModels(store)
+    assert served.refresh() == store.head() and store.get(store.head()).meta["warm_start"] == 400
+    assert served.knows("wi3")["embedding"] and served.knows("wi3")["ranker"]
+    assert cli.main(["train", "--source", str(tmp_path / "missing.csv")]) == 2
