@@ -71,7 +71,7 @@ def load_events(path: Path, fmt: str = "auto", limit: int | None = None) -> tupl
 class SlidingPopularity:
     """Events per item in the last ``window_ms``; the ranking is refreshed every ``every`` events."""
 
-    def __init__(self, window_ms: int = 3_600_000, every: int = 200, depth: int = 200) -> None:
+    def __init__(self, window_ms: int = 3_600_000, every: int = 1000, depth: int = 200) -> None:
         self.window_ms, self.every, self.depth = window_ms, every, depth
         self.events: deque[tuple[int, str]] = deque()
         self.counts: Counter[str] = Counter()
@@ -309,6 +309,9 @@ _EVENTS: list[BehaviorEvent] = []  # handed to forked workers without pickling
 
 
 def _work(part: str, progress: bool) -> tuple[Scores, dict[str, int], dict[str, int]]:
+    import torch
+
+    torch.set_num_threads(1)  # two workers on two cores: more threads only contend
     ev = Evaluation(part=part)
     for _ in ev.run(_EVENTS, progress):
         pass
