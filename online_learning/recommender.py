@@ -39,9 +39,10 @@ class OnlineRecommender:
         self.ranker, self.embedding = ranker, embedding
 
     @classmethod
-    def default(cls, min_count: int = 2, ttl_ms: int = 6 * 3_600_000, seed: int = 0) -> OnlineRecommender:
+    def default(cls, min_count: int = 2, ttl_ms: int = 6 * 3_600_000, max_rows: int | None = 200_000,
+                seed: int = 0) -> OnlineRecommender:
         return cls(FTRLRanker(min_count=min_count, ttl_ms=ttl_ms),
-                   TwoTower(min_count=min_count, ttl_ms=ttl_ms, seed=seed))
+                   TwoTower(min_count=min_count, ttl_ms=ttl_ms, max_rows=max_rows, seed=seed))
 
     @property
     def models(self) -> dict[str, Model]:

@@ -33,19 +33,16 @@ from kafka import TopicPartition
 from connectors.kafka import consumer
 from freshrec.config import Settings
 from jobs.topics import examples_topic
-from online_learning.embeddings import TwoTower
 from online_learning.examples import Example
 from online_learning.gate import QualityGate
 from online_learning.params import decode
 from online_learning.publish import ParameterStore, Version
-from online_learning.ranker import FTRLRanker
 from online_learning.recommender import OnlineRecommender
 
 
 def new_recommender(s: Settings) -> OnlineRecommender:
-    ttl = s.param_ttl_seconds * 1000
-    return OnlineRecommender(FTRLRanker(min_count=s.min_count, ttl_ms=ttl),
-                             TwoTower(min_count=s.min_count, ttl_ms=ttl, max_rows=s.embedding_rows))
+    return OnlineRecommender.default(min_count=s.min_count, ttl_ms=s.param_ttl_seconds * 1000,
+                                     max_rows=s.embedding_rows)
 
 
 def rebuild(chain: list[Version], rec: OnlineRecommender | None = None) -> OnlineRecommender | None:
