@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +16,22 @@ from tqdm import tqdm
 
 from connectors.kafka import EventProducer, ProduceStats
 from connectors.logfile import open_log
-from connectors.schema import BehaviorEvent, InvalidEvent, validate
+from connectors.schema import MIN_TS_MS, BehaviorEvent, InvalidEvent, validate
 
 
-def sorted_events(path: Path, fmt: str, producer: EventProducer) -> list[BehaviorEvent]:
-    """Validate a whole file (bad rows to the DLQ at once) and sort the good ones by event time."""
+def sorted_events(path: Path, fmt: str, refuse: Callable[[str, InvalidEvent], Any],
+                  min_ts_ms: int = MIN_TS_MS) -> list[BehaviorEvent]:
+    """Validate a whole file and sort the good events by event time; each bad row goes to
+    ``refuse(line, error)`` (a producer's ``send_dead_letter``, or a counter), none silently."""
     events: list[BehaviorEvent] = []
+    now_ms = int(time.time() * 1000)
     for row, line in open_log(path, fmt):
         try:
             if row is None:
                 raise InvalidEvent("payload", "line does not split into the expected columns")
-            events.append(validate(row))
+            events.append(validate(row, now_ms, min_ts_ms))
         except InvalidEvent as err:
-            producer.send_dead_letter(line, err)
+            refuse(line, err)
     events.sort(key=lambda e: e.ts)  # stable: ties keep file order
     return events
 

@@ -165,7 +165,7 @@ def _replay_log(s: Settings, path: Path, fmt: str, speed: float | None = None, r
 
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
         try:
-            events = sorted_events(path, fmt, producer)
+            events = sorted_events(path, fmt, producer.send_dead_letter)
         except LogFormatError as exc:
             raise UserError(str(exc)) from None
         if limit:

@@ -39,8 +39,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from connectors.logfile import open_log
-from connectors.schema import BehaviorEvent, InvalidEvent, validate
+from connectors.replay import sorted_events
+from connectors.schema import BehaviorEvent, InvalidEvent
 from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
 from serving.candidates import merge
@@ -54,17 +54,14 @@ DEPTH = 20
 
 
 def load_events(path: Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[BehaviorEvent], Counter[str]]:
-    """Valid events in time order, and the refused rows counted by reason (none are dropped silently)."""
-    events: list[BehaviorEvent] = []
+    """Valid events in time order (history: no lower bound on time), and the refused rows
+    counted by reason (none are dropped silently)."""
     refused: Counter[str] = Counter()
-    for row, _ in open_log(path, fmt):
-        try:
-            if row is None:
-                raise InvalidEvent("payload", "line does not split into the expected columns")
-            events.append(validate(row, now_ms=int(time.time() * 1000), min_ts_ms=0))
-        except InvalidEvent as err:
-            refused[f"{err.field}: {err.reason.split(';')[0]}"] += 1
-    events.sort(key=lambda e: e.ts)
+
+    def count(line: str, err: InvalidEvent) -> None:
+        refused[f"{err.field}: {err.reason.split(';')[0]}"] += 1
+
+    events = sorted_events(path, fmt, count, min_ts_ms=0)
     return (events[:limit] if limit else events), refused
 
 
@@ -227,9 +224,9 @@ class Evaluation:
     # -- learning ------------------------------------------------------------------------------
     def _learn(self, ev: BehaviorEvent, user: dict[str, Any] | None) -> None:
         e = Ev(ev.event_id, ev.user_id, ev.item_id, ev.behavior, ev.ts, ev.category_id or "")
-        if ev.user_id in self.batch.users and ev.event_id in self.batch.users[ev.user_id].seen:
-            return  # a duplicate: the streaming job drops it at the user too
         examples = self.batch.add(e, user)
+        if examples is None:
+            return  # a duplicate: the streaming job drops it at the user too
         if self.part != "frozen" or self.frozen is None:
             self.online.learn_many(examples)
         if ev.behavior == "view":
@@ -251,7 +248,16 @@ class Evaluation:
             self._learn(ev, user)
             yield n
 
-    def report(self, source: str, n_events: int, seconds: float, refused: dict[str, int]) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """What the example builder counted and how big the online models grew."""
+        rec = self.online
+        return {"examples": dict(self.batch.builder.stats),
+                "model_size": {"ftrl_weights": rec.ranker.size, "two_tower_rows": rec.embedding.size,
+                               "two_tower_evicted": rec.embedding.users.evicted + rec.embedding.items.evicted}}
+
+    def report(self, source: str, n_events: int, seconds: float, refused: dict[str, int],
+               summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole result; ``summary`` from the process that learned, when that was another one."""
         slices = []
         for part in sorted(self.scores.slices):
             row: dict[str, Any] = {"slice": part}
@@ -264,11 +270,7 @@ class Evaluation:
         return {"source": source, "events": n_events, "refused": refused, "seconds": round(seconds, 1),
                 "events_per_second": round(n_events / max(seconds, 1e-9)), "freeze_at": self.freeze_at,
                 "protocols": list(PROTOCOLS), "methods": list(METHODS),
-                "overall": self.scores.table(), "over_time": slices,
-                "examples": dict(self.batch.builder.stats),
-                "model_size": {"ftrl_weights": self.online.ranker.size, "two_tower_rows": self.online.embedding.size,
-                               "two_tower_evicted": self.online.embedding.users.evicted
-                               + self.online.embedding.items.evicted}}
+                "overall": self.scores.table(), "over_time": slices, **(summary or self.summary())}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -308,17 +310,14 @@ def format_table(report: dict[str, Any]) -> str:
 _EVENTS: list[BehaviorEvent] = []  # handed to forked workers without pickling
 
 
-def _work(part: str, progress: bool) -> tuple[Scores, dict[str, int], dict[str, int]]:
+def _work(part: str, progress: bool) -> tuple[Scores, dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)  # two workers on two cores: more threads only contend
     ev = Evaluation(part=part)
     for _ in ev.run(_EVENTS, progress):
         pass
-    rec = ev.online
-    sizes = {"ftrl_weights": rec.ranker.size, "two_tower_rows": rec.embedding.size,
-             "two_tower_evicted": rec.embedding.users.evicted + rec.embedding.items.evicted}
-    return ev.scores.plain(), dict(ev.batch.builder.stats), sizes
+    return ev.scores.plain(), ev.summary()
 
 
 def evaluate(source: Path, fmt: str = "auto", out: Path = Path("bench/results"), limit: int | None = None,
@@ -333,14 +332,13 @@ def evaluate(source: Path, fmt: str = "auto", out: Path = Path("bench/results"),
         with mp.get_context("fork").Pool(2) as pool:
             frozen = pool.apply_async(_work, ("frozen", False))
             live = pool.apply_async(_work, ("live", progress))
-            (scores, stats, sizes), (frozen_scores, _, _) = live.get(), frozen.get()
+            (scores, summary), (frozen_scores, _) = live.get(), frozen.get()
     finally:
         _EVENTS.clear()
     ev = Evaluation()
     ev.scores.merge(scores)
     ev.scores.merge(frozen_scores)
-    report = ev.report(str(source), len(events), time.perf_counter() - started, dict(refused))
-    report["examples"], report["model_size"] = stats, sizes
+    report = ev.report(str(source), len(events), time.perf_counter() - started, dict(refused), summary)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluate.json").write_text(json.dumps(report, indent=1))
     plot(report, out / "evaluate.png")

@@ -144,8 +144,8 @@ class BatchExamples:
     >>> second = b.add(Ev("e2", "u", "b", "view", 2_000, ""))
     >>> first[0]["user"], second[0]["user"]["last_viewed_items"]
     (None, ['a'])
-    >>> b.add(Ev("e2", "u", "b", "view", 2_000, ""))  # a duplicate
-    []
+    >>> b.add(Ev("e2", "u", "b", "view", 2_000, "")) is None  # a duplicate
+    True
     """
 
     def __init__(self, builder: ExampleBuilder, spec: Spec | None = None) -> None:
@@ -164,12 +164,13 @@ class BatchExamples:
             self.item_cache[item] = st.features() if st else None
         return self.item_cache[item]
 
-    def add(self, ev: Ev, user: dict[str, Any] | None = None) -> list[Example]:
-        """Fold one event in; its examples (``user``: its user's features before, if known already)."""
+    def add(self, ev: Ev, user: dict[str, Any] | None = None) -> list[Example] | None:
+        """Fold one event in; its examples, or None for a duplicate (``user``: its user's
+        features before, if the caller has them already)."""
         if user is None:
             user = self.user_features(ev.user_id)
         if not self.users.setdefault(ev.user_id, UserState()).add(ev, self.spec):
-            return []
+            return None
         examples = self.builder.add(ev, user, self.item_features(ev.item_id))
         st = self.items.setdefault(ev.item_id, ItemState())
         st.add(ev, self.spec)

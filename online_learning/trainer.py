@@ -222,8 +222,9 @@ def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> 
     n = 0
     for e in tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="warm start"):
         examples = batch.add(Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""))
-        rec.learn_many(examples)
-        n += len(examples)
+        if examples:  # None for a duplicate
+            rec.learn_many(examples)
+            n += len(examples)
     rec.embedding.step()
     store = ParameterStore(redis.Redis.from_url(settings.redis_url), settings.feast_project)
     # No offsets: they belong to the examples topic, which this log never went through.
