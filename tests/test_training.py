@@ -20,6 +20,7 @@ from connectors.schema import validate
 from freshrec import cli
 from freshrec.config import Settings
 from jobs.topics import examples_topic
+from online_learning.params import decode
 from online_learning.publish import ParameterStore
 from online_learning.trainer import Trainer
 from serving.app import create_app
@@ -121,11 +122,19 @@ def test_trainer_publishes_versions_the_api_follows_and_rollback(shared: Setting
 
 def test_gate_refuses_broken_parameters_and_says_why(shared: Settings, trainer: Trainer) -> None:
     produce(shared, generated("gate-", 200, seed=12))
+    store = trainer.store
+    before = store.head()
     weights = trainer.rec.ranker.model._weights
     weights["i_views"] = float("nan")
-    head = trainer.store.head()
     wait_until(lambda: any("refused to publish" in m and "NaN" in m for m in LOG), 30, "a refusal with its reason")
-    assert trainer.store.head() == head  # nothing went out
+    # Deltas that did not touch the poisoned weight may have gone out before the refusal; nothing
+    # with a NaN did, and after a refusal nothing goes out at all (every later publish is refused).
+    head = store.head()
+    time.sleep(5 * trainer.settings.publish_interval_ms / 1000)
+    assert store.head() == head
+    for v in range(before + 1, head + 1):
+        for blob in store.get(v).blobs.values():
+            assert all(np.isfinite(a).all() for a in decode(blob)[1].values() if a.dtype.kind == "f"), v
     # NaN spreads through learning (gradients, FTRL's z and n): the way out is a rollback, which
     # the trainer loads and learns on from; its next publish is a whole snapshot.
     back = trainer.store.rollback(trainer.store.snapshots()[-1])
