@@ -36,6 +36,7 @@ user_recent = FeatureView(
         Field(name="favs", dtype=Int64, description="favourites in the window"),
         Field(name="buys", dtype=Int64, description="purchases in the window"),
         Field(name="last_viewed_items", dtype=Array(String), description="newest first"),
+        Field(name="last_bought_items", dtype=Array(String), description="newest first; serving excludes them"),
         Field(name="top_categories", dtype=Array(String), description="most frequent in the window"),
     ],
     source=_offline("user_recent"),

@@ -69,6 +69,10 @@ class Settings:
     model_poll_ms: int = field(default=50, metadata=_doc("the API checks for new parameters this often"))
     api_host: str = field(default="127.0.0.1", metadata=_doc("recommendation API bind address"))
     api_port: int = field(default=8000, metadata=_doc("recommendation API port"))
+    api_workers: int = field(default=1, metadata=_doc("uvicorn worker processes of the API"))
+    redis_timeout_ms: int = field(default=50, metadata=_doc("the API answers degraded when Redis is slower"))
+    admin_api_key: str = field(default="", repr=False,
+                               metadata=_doc("X-API-Key for the API's /admin endpoints (unset: admin disabled)"))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -103,7 +107,8 @@ class Settings:
                     "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
                     "covisit_top_k", "trending_size", "checkpoint_interval_ms", "parallelism",
                     "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count", "param_ttl_seconds",
-                    "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds", "model_poll_ms")
+                    "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds", "model_poll_ms",
+                    "api_workers", "redis_timeout_ms")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")

@@ -117,10 +117,26 @@ class ParameterStore:
             return []
         return [start] + (self._walk(start.version) or [])
 
-    def _walk(self, at: int) -> list[Version] | None:
-        """The versions after ``at`` that apply in a chain; None at a break."""
+    def chain_to(self, version: int) -> list[Version] | None:
+        """What builds exactly ``version`` from nothing (a snapshot at or before it, then the deltas
+        up to it), for serving a pinned or canary version; None when it is no longer stored."""
+        if self.get(version, blobs=False) is None:
+            return None
+        for snap in reversed([s for s in self.snapshots() if s <= version]):
+            start = self.get(snap)
+            if start is None or not start.blobs:
+                continue
+            rest = self._walk(snap, until=version)
+            if rest is not None and (rest[-1].version if rest else snap) == version:
+                return [start, *rest]
+        return None
+
+    def _walk(self, at: int, until: int | None = None) -> list[Version] | None:
+        """The versions after ``at`` (up to ``until``) that apply in a chain; None at a break."""
         out: list[Version] = []
         for v in self.versions_after(at):
+            if until is not None and v > until:
+                break
             head = self.get(v, blobs=False)
             if head is None:
                 continue  # expired meanwhile: the next one's base will not match
@@ -136,10 +152,26 @@ class ParameterStore:
             at = v
         return out
 
-    def rollback(self, to: int) -> int:
-        """Publish snapshot ``to`` again as the newest version; returns that version."""
+    def rollback(self, to: int, why: str = "rollback_of") -> int:
+        """Publish snapshot ``to`` again as the newest version; returns that version. (Promoting
+        a canary is the same move, recorded with ``why="promoted"``.)"""
         old = self.get(to)
-        if old is None or old.kind != "snapshot":
+        if old is None or old.kind != "snapshot" or not old.blobs:
             have = ", ".join(map(str, self.snapshots())) or "none"
             raise ValueError(f"version {to} is not a stored snapshot; snapshots kept: {have}")
-        return self.publish("snapshot", old.blobs, 0, {**old.meta, "rollback_of": to})  # base 0: everyone loads it
+        return self.publish("snapshot", old.blobs, 0, {**old.meta, why: to})  # base 0: everyone loads it
+
+    # -- which version serves whom (read by every API process) ----------------------------
+    def set_canary(self, version: int | None, share: float = 0.0) -> None:
+        """Send ``share`` of users (by a stable hash of their id) to ``version``; None ends it."""
+        if version is None:
+            self.client.delete(f"{self.prefix}:canary")
+        else:
+            self.client.set(f"{self.prefix}:canary", json.dumps({"version": version, "share": share}))
+
+    def canary(self) -> tuple[int, float] | None:
+        raw = self.client.get(f"{self.prefix}:canary")
+        if not raw:
+            return None
+        doc = json.loads(raw)
+        return int(doc["version"]), float(doc["share"])

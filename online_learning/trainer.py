@@ -207,10 +207,10 @@ class Trainer:
                 time.sleep(min(0.05 * 2**attempt, 1.0))
 
 
-def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> tuple[int, int]:
+def learn_log(settings: Settings, events: list[Any], progress: bool = True) -> tuple[OnlineRecommender, Any, int]:
     """Learn a historical log with the batch example builder (the streaming job's feature state,
-    the same examples) and publish the models as a snapshot; returns (version, examples).
-    A running trainer follows it and learns on from there; the API serves it."""
+    the same examples); returns the models, the :class:`BatchExamples` (its feature state is
+    the job's at the end of the log) and the number of examples."""
     from tqdm import tqdm
 
     from online_learning.examples import BatchExamples, ExampleBuilder
@@ -220,12 +220,19 @@ def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> 
     batch = BatchExamples(ExampleBuilder(positives=settings.positive_behaviors, negatives=settings.negatives,
                                          attribution_ms=settings.attribution_seconds * 1000), Spec.of(settings))
     n = 0
-    for e in tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="warm start"):
+    for e in tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="learning"):
         examples = batch.add(Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""))
         if examples:  # None for a duplicate
             rec.learn_many(examples)
             n += len(examples)
     rec.embedding.step()
+    return rec, batch, n
+
+
+def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> tuple[int, int]:
+    """:func:`learn_log`, published as a snapshot; returns (version, examples). A running trainer
+    follows it and learns on from there; the API serves it."""
+    rec, _, n = learn_log(settings, events, progress)
     store = ParameterStore(redis.Redis.from_url(settings.redis_url), settings.feast_project)
     # No offsets: they belong to the examples topic, which this log never went through.
     version = store.publish("snapshot", rec.snapshot(), 0, {"examples": n, "warm_start": len(events)})

@@ -1,9 +1,10 @@
-"""The recommendation API: ``GET /recommendations``, ``POST /events``, ``GET /model``, ``GET /healthz``.
+"""The recommendation API.
 
-A request: the user's features -> candidates (co-visitation neighbours of recent views,
-embedding retrieval, the user's recent items, trending) -> their item features in one
-pipelined Redis round trip -> scores from the newest published model version (the
-transparent scorer until one is published) -> top-k with each item's sources.
+For apps:  ``GET /recommendations`` (and ``POST`` with context), ``POST /events``.
+For operators: ``GET /model``, ``/healthz``, ``/readyz``, ``/metrics``, and, with the
+``X-API-Key`` from FRESHREC_ADMIN_API_KEY, ``/admin/rollback``, ``/admin/publish`` and
+``/admin/canary``. The request path is serving/request_path.py; the served versions
+serving/models.py.
 
 Run: ``uvicorn serving.app:app`` with FRESHREC_* variables set (``freshrec up`` does).
 OpenAPI docs are at ``/docs``.
@@ -11,16 +12,18 @@ OpenAPI docs are at ``/docs``.
 
 from __future__ import annotations
 
-import json
+import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
-from fastapi import Body, FastAPI, HTTPException, Query
+from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, Field
 
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import BrokerError, EventProducer
@@ -28,13 +31,26 @@ from connectors.schema import InvalidEvent
 from features.definitions import FEATURE_VIEWS, trending_key
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
-from serving.candidates import merge
-from serving.models import ServedModels
-from serving.ranking import rank
+from serving.metrics import Metrics, RequestTimer
+from serving.models import ServedModels, UnknownVersion
+from serving.request_path import Answer, Context, RequestPath
 
-RECENT_ITEMS = 5
-SCORER = "transparent-v1"
-RETRIEVE = 60
+# Ids are the app's own; refuse only what cannot be one (empty, whitespace, control characters).
+ID = r"^[^\s\x00-\x1f\x7f]{1,128}$"
+MAX_PAGE = 50
+KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="FRESHREC_ADMIN_API_KEY")
+
+
+def _clear_422(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Each problem as ``{field, message}``: the field by name, what to send instead."""
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"][1:]) or str(err["loc"][0])
+        message = err["msg"]
+        if err["type"] == "string_pattern_mismatch":
+            message = "must be 1-128 characters without spaces or control characters"
+        problems.append({"field": field, "message": message, "in": err["loc"][0]})
+    return JSONResponse({"detail": problems}, status_code=422)
 
 
 class Recommendation(BaseModel):
@@ -47,9 +63,27 @@ class Recommendations(BaseModel):
     user_id: str
     items: list[Recommendation]
     scorer: str
-    features: dict[str, int | None]  # feature view -> event time (ms) of the values used
-    known_user: bool
     model_version: int | None  # the parameter version that scored (None: transparent scorer)
+    model_role: str | None  # live, canary or pinned
+    features: dict[str, int | None]  # feature view -> event time (ms) of the newest value used
+    known_user: bool
+    degraded: bool  # answered without the online store (Redis down or slow)
+    degraded_reason: str | None = None
+    page: int = 0
+    stages_ms: dict[str, float] | None = None  # with debug=true
+    candidates: int | None = None  # with debug=true: how many were scored
+
+
+class RecommendationQuery(BaseModel):
+    user_id: str = Field(pattern=ID, description="the app's user id")
+    k: int = Field(10, ge=1, le=200, description="how many items")
+    current_item: str | None = Field(None, pattern=ID, description="the item on screen: its neighbours come first, "
+                                                                   "it is not recommended")
+    page: int = Field(0, ge=0, le=MAX_PAGE, description="0 for the first k, 1 for the next k, ...")
+    exclude: list[Annotated[str, Field(pattern=ID)]] = Field(default_factory=list, max_length=500,
+                                                             description="items not to recommend")
+    model_version: int | None = Field(None, ge=1, description="score with this stored version")
+    debug: bool = Field(False, description="add the time spent per stage")
 
 
 class ModelInfo(BaseModel):
@@ -58,6 +92,7 @@ class ModelInfo(BaseModel):
     applied_ms: int | None
     lag_ms: int | None  # now - publish time of the served version
     error: str | None
+    canary: dict[str, float] | None = None  # {"version": V, "share": s}
     item: dict[str, bool] | None = None  # with ?item_id=: which models have parameters for it
 
 
@@ -67,12 +102,32 @@ class IngestResult(BaseModel):
     errors: list[dict[str, Any]]
 
 
+class VersionRef(BaseModel):
+    version: int = Field(ge=1, description="a stored snapshot version (`freshrec model list`)")
+
+
+class CanaryShare(BaseModel):
+    version: int = Field(ge=1, description="a stored version to send part of the traffic to")
+    share: float = Field(ge=0.0, le=1.0, description="share of users (by a stable hash of their id)")
+
+
+class Published(BaseModel):
+    version: int  # the new head version
+    of: int  # the snapshot it republishes
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2)
+    timeout = settings.redis_timeout_ms / 1000
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     reader = FeastRedisReader(client, settings.feast_project, FEATURE_VIEWS)
     producer: list[EventProducer] = []  # created on first ingest, so the API starts without a broker
-    models = ServedModels(ParameterStore(client, settings.feast_project), settings.model_poll_ms)
+    store = ParameterStore(client, settings.feast_project)
+    # The follower may wait on big snapshots: its own client, with a longer timeout.
+    models = ServedModels(ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10),
+                                         settings.feast_project), settings.model_poll_ms)
+    path = RequestPath(client, reader, models, trending_key(settings.feast_project))
+    metrics = Metrics(models, path)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,8 +138,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             p.close()
         client.close()
 
-    app = FastAPI(title="freshrec", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="freshrec", version="0.2.0", lifespan=lifespan,
                   description="Real-time recommendations from a streaming feature pipeline.")
+    app.state.models = models
+    app.state.path = path
+    app.add_exception_handler(RequestValidationError, _clear_422)  # type: ignore[arg-type]
 
     def event_producer() -> EventProducer:
         if not producer:
@@ -92,85 +150,49 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           source="api"))
         return producer[0]
 
-    app.state.models = models
+    # -- for apps --------------------------------------------------------------------------------
+    def answer(q: RecommendationQuery) -> Recommendations:
+        try:
+            a: Answer = path.recommend(q.user_id, q.k, Context(q.current_item, q.page, frozenset(q.exclude)),
+                                       q.model_version)
+        except UnknownVersion as exc:
+            raise HTTPException(404, str(exc)) from exc
+        for stage, ms in a.stages_ms.items():
+            metrics.stage.labels(stage).observe(ms / 1000)
+        for source, n in a.sources.items():
+            metrics.candidates.labels(source).inc(n)
+        if a.degraded:
+            metrics.degraded.inc()
+        return Recommendations(
+            user_id=q.user_id, scorer=a.scorer, model_version=a.model_version, model_role=a.model_role,
+            features=a.features, known_user=a.known_user, degraded=a.degraded, degraded_reason=a.degraded_reason,
+            page=q.page, stages_ms=a.stages_ms if q.debug else None, candidates=a.candidates if q.debug else None,
+            items=[Recommendation(item_id=i, score=s, sources=src) for i, s, src in a.items])
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/model", response_model=ModelInfo)
-    def model(item_id: Annotated[str | None, Query(min_length=1, max_length=128,
-                                                   description="also say whether this item has parameters")] = None,
-              ) -> ModelInfo:
-        """The parameter version being served and how old it is."""
-        now = int(time.time() * 1000)
-        return ModelInfo(version=models.version, published_ms=models.published_ms, applied_ms=models.applied_ms,
-                         lag_ms=now - models.published_ms if models.published_ms else None, error=models.error,
-                         item=models.knows(item_id) if item_id else None)
-
-    @app.get("/recommendations", response_model=Recommendations)
+    @app.get("/recommendations", response_model=Recommendations, response_model_exclude_none=True,
+             responses={404: {"description": "model_version is not stored"}})
     def recommendations(
-        user_id: Annotated[str, Query(min_length=1, max_length=128, description="the app's user id")],
+        user_id: Annotated[str, Query(pattern=ID, description="the app's user id")],
         k: Annotated[int, Query(ge=1, le=200, description="how many items")] = 10,
+        page: Annotated[int, Query(ge=0, le=MAX_PAGE, description="0 for the first k, 1 for the next k")] = 0,
+        current_item: Annotated[str | None, Query(pattern=ID, description="the item on screen")] = None,
+        model_version: Annotated[int | None, Query(ge=1, description="score with this stored version")] = None,
+        debug: Annotated[bool, Query(description="add the time spent per stage")] = False,
     ) -> Recommendations:
-        try:
-            (user,) = reader.read([("user_recent", user_id)])
-            recent = list(user["last_viewed_items"] or [])[:RECENT_ITEMS] if user else []
-            covisit = reader.read([("item_covisit", i) for i in recent]) if recent else []
-            raw_trending = client.get(trending_key(settings.feast_project))
-        except redis.RedisError as exc:
-            raise HTTPException(503, f"online store unavailable: {exc}") from exc
-        trending_doc = json.loads(raw_trending) if raw_trending else {"ts": None, "items": []}
-        trending = [(str(i), int(n)) for i, n in trending_doc["items"]]
-        rows = [c or {} for c in covisit]
-        neighbours = [r.get("neighbours", []) for r in rows]
-        counts = [r.get("neighbour_counts", []) for r in rows]
-        freshness = {"user_recent": user["_event_ts_ms"] if user else None,
-                     "item_covisit": max((r["_event_ts_ms"] for r in rows if r), default=None),
-                     "trending": trending_doc["ts"]}
-        items = None
-        if models.recommender is not None:
-            items = learned_ranking(user_id, user, recent, neighbours, counts, trending, k)
-        if items is None:
-            items, version, scorer = rank(neighbours, counts, trending, k, recent), None, SCORER
-        else:
-            items, version = items
-            scorer = f"online-v{version}"
-        return Recommendations(user_id=user_id, scorer=scorer, features=freshness, known_user=user is not None,
-                               model_version=version,
-                               items=[Recommendation(item_id=i, score=s, sources=src) for i, s, src in items])
+        """Top-k items for a user, each with the sources that found it. Never a 5xx for a slow or
+        absent online store: the answer is then ``degraded`` (trending and the served model)."""
+        return answer(RecommendationQuery(user_id=user_id, k=k, page=page, current_item=current_item,
+                                          model_version=model_version, debug=debug))
 
-    def learned_ranking(user_id: str, user: dict[str, Any] | None, recent: list[str], neighbours: list[list[str]],
-                        counts: list[list[int]], trending: list[tuple[str, int]],
-                        k: int) -> tuple[list[tuple[str, float, list[str]]], int] | None:
-        """Candidates from every source, their item features in one round trip, the served model's scores."""
-        covisit_ranked = rank(neighbours, counts, [], 100, recent)
-        covisit = [i for i, _, _ in covisit_ranked]
-        why = {i: src for i, _, src in covisit_ranked}  # "covisit:<the recent item it neighbours>"
-        features = {key: v for key, v in (user or {}).items() if not key.startswith("_")}
-        retrieved = models.retrieve(features, RETRIEVE, user_id, set())
-        cands = merge([("covisit", covisit), ("embedding", retrieved), ("recent", recent),
-                       ("trending", [i for i, _ in trending])])
-        if not cands:
-            return None
-        try:
-            item_rows = reader.read([("item_recent", i) for i, _ in cands])
-        except redis.RedisError as exc:
-            raise HTTPException(503, f"online store unavailable: {exc}") from exc
-        item_feats = [{key: v for key, v in r.items() if not key.startswith("_")} if r else None for r in item_rows]
-        scored = models.score(features or None, [(i, f) for (i, _), f in zip(cands, item_feats, strict=True)],
-                              user_id)
-        if scored is None:
-            return None
-        scores, version = scored
-        order = sorted(range(len(cands)), key=lambda j: (-scores[j], cands[j][0]))[:k]
-        def sources(item: str, found_by: list[str]) -> list[str]:
-            return list(dict.fromkeys(x for src in found_by for x in (why[item] if src == "covisit" else [src])))
-
-        return [(cands[j][0], round(float(scores[j]), 6), sources(*cands[j])) for j in order], version
+    @app.post("/recommendations", response_model=Recommendations, response_model_exclude_none=True,
+              responses={404: {"description": "model_version is not stored"}})
+    def recommendations_in_context(query: RecommendationQuery) -> Recommendations:
+        """The same, with context: the item on screen, the page, items to leave out."""
+        return answer(query)
 
     @app.post("/events", response_model=IngestResult,
-              responses={422: {"description": "some events were refused (they went to the DLQ)"}})
+              responses={422: {"description": "some events were refused (they went to the DLQ)"},
+                         503: {"description": "the event log is unreachable; nothing was acknowledged"}})
     def ingest(events: Annotated[list[dict[str, Any]], Body(max_length=10_000)]) -> Any:
         """Validate a batch; good events are produced (acks=all), bad ones go to the DLQ.
 
@@ -191,6 +213,97 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         result = IngestResult(accepted=len(events) - len(errors), rejected=len(errors), errors=errors)
         return JSONResponse(result.model_dump(), status_code=422 if errors else 200)
 
+    # -- for operators ---------------------------------------------------------------------------
+    @app.get("/model", response_model=ModelInfo)
+    def model(item_id: Annotated[str | None, Query(pattern=ID, description="also say whether this item has "
+                                                                           "parameters")] = None) -> ModelInfo:
+        """The parameter version being served, how old it is, and the canary."""
+        now = int(time.time() * 1000)
+        canary = models.canary
+        return ModelInfo(version=models.version, published_ms=models.published_ms, applied_ms=models.applied_ms,
+                         lag_ms=now - models.published_ms if models.published_ms else None, error=models.error,
+                         canary={"version": canary[0], "share": canary[1]} if canary else None,
+                         item=models.knows(item_id) if item_id else None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is alive (for restarts); readiness is /readyz."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "not ready, with the reasons"}})
+    def readyz() -> JSONResponse:
+        """Ready for traffic: Redis answers and a model version is loaded."""
+        problems = []
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            problems.append(f"redis unreachable: {exc}")
+        if models.recommender is None:
+            problems.append("no model version loaded yet (is the trainer running?)")
+        body = {"ready": not problems, "problems": problems, "model_version": models.version}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    @app.get("/metrics", response_class=Response)
+    def prometheus() -> Response:
+        """Prometheus text format."""
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
+
+    # -- admin (API key) -------------------------------------------------------------------------
+    def admin(key: Annotated[str | None, Security(KEY_HEADER)]) -> None:
+        if not settings.admin_api_key:
+            raise HTTPException(401, "admin endpoints are disabled: set FRESHREC_ADMIN_API_KEY on the API")
+        if not key or not hmac.compare_digest(key.encode(), settings.admin_api_key.encode()):
+            raise HTTPException(401, "missing or wrong X-API-Key header", headers={"WWW-Authenticate": "APIKey"})
+
+    def republish(version: int, why: str) -> Published:
+        try:
+            return Published(version=store.rollback(version, why=why), of=version)
+        except ValueError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"parameter store unavailable: {exc}") from exc
+
+    protected: dict[str, Any] = {"dependencies": [Depends(admin)],
+                                 "responses": {401: {"description": "no or wrong X-API-Key"},
+                                               404: {"description": "the version is not stored"},
+                                               503: {"description": "Redis unavailable"}}}
+
+    @app.post("/admin/rollback", response_model=Published, **protected)
+    def rollback(body: VersionRef) -> Published:
+        """Serve an earlier snapshot again (published as the newest version; the trainer follows)."""
+        return republish(body.version, "rollback_of")
+
+    @app.post("/admin/publish", response_model=Published, **protected)
+    def promote(body: VersionRef) -> Published:
+        """Make a stored snapshot (e.g. the canary) the version everyone gets."""
+        result = republish(body.version, "promoted")
+        canary = store.canary()
+        if canary and canary[0] == body.version:
+            store.set_canary(None)
+        return result
+
+    @app.put("/admin/canary", response_model=CanaryShare, **protected)
+    def set_canary(body: CanaryShare) -> CanaryShare:
+        """Send a share of users to a stored version (it is loaded and warmed up first)."""
+        try:
+            if store.chain_to(body.version) is None:
+                raise HTTPException(404, f"model version {body.version} is not stored; `freshrec model list`")
+            store.set_canary(body.version, body.share)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"parameter store unavailable: {exc}") from exc
+        return body
+
+    @app.delete("/admin/canary", status_code=204, response_class=Response, **protected)
+    def end_canary() -> Response:
+        """Everyone back on the live version."""
+        try:
+            store.set_canary(None)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"parameter store unavailable: {exc}") from exc
+        return Response(status_code=204)
+
+    app.add_middleware(RequestTimer, metrics=metrics)
     return app
 
 

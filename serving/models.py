@@ -1,9 +1,17 @@
 """The models the API serves, kept current from the trainer's published versions.
 
 A background thread polls the parameter store every FRESHREC_MODEL_POLL_MS and applies new
-deltas (or a snapshot, after a gap or a rollback) under a lock that requests take only to
-score, so a request sees one version whole and never waits for a download. Until anything
-is published, :attr:`recommender` is None and the API ranks with its transparent scorer.
+deltas under a lock that requests take only to score, so a request sees one version whole
+and never waits for a download. A chain that starts from a full snapshot (a rollback, a
+gap, a new trainer) is built beside the serving model, warmed up on recent requests and
+switched in one assignment (blue-green); if it fails the warm-up, the old one keeps serving.
+
+Besides the live version: a canary version for a share of users (set in Redis, so every API
+process routes alike) and versions pinned by ``?model_version=``, loaded on first use and
+kept in a small LRU. Those never change once loaded, so they score without the lock.
+
+Until anything is published, :attr:`recommender` is None and the API ranks with its
+transparent scorer.
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,28 +33,54 @@ from online_learning.trainer import rebuild
 
 log = logging.getLogger("freshrec.models")
 
+Candidates = list[tuple[str, dict[str, Any] | None]]
+
+
+class UnknownVersion(LookupError):
+    """A pinned or canary version the parameter store does not hold (any more)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The model one request is scored with."""
+
+    recommender: OnlineRecommender
+    version: int
+    role: str  # "live", "canary" or "pinned"
+    locked: bool  # the live model changes in place: score it under the lock
+
 
 class ServedModels:
-    def __init__(self, store: ParameterStore, poll_ms: int = 50) -> None:
+    def __init__(self, store: ParameterStore, poll_ms: int = 50, keep_versions: int = 3) -> None:
         self.store, self.poll_s = store, poll_ms / 1000
         self.recommender: OnlineRecommender | None = None
         self.version = 0
         self.published_ms: int | None = None  # when the served version was published
         self.applied_ms: int | None = None  # when we applied it
-        self.error: str | None = None  # the last failure to follow, for /healthz and logs
+        self.error: str | None = None  # the last failure to follow, for /readyz and logs
+        self.canary: tuple[int, float] | None = None  # (version, share of users)
         self.lock = threading.Lock()
+        self._others: OrderedDict[int, OnlineRecommender] = OrderedDict()  # canary and pinned, LRU
+        self._keep = keep_versions
+        self._others_lock = threading.Lock()
+        self._recent: deque[tuple[dict[str, Any] | None, Candidates, str]] = deque(maxlen=16)  # for warm-ups
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    # -- following the store ----------------------------------------------------------------
     def refresh(self) -> int:
         """Apply what was published since the served version; returns the version served."""
+        canary = self.store.canary()
+        if canary is not None and canary[0] not in self._others:
+            self._load(canary[0])
+        self.canary = canary
         chain = self.store.catch_up(self.version)
         if not chain:
             return self.version
-        # Build outside the lock when starting from a snapshot (seconds for a big model);
-        # deltas are small and go in under it.
         if chain[0].kind == "snapshot" and chain[0].blobs:  # a fresh start (blob-less: equal to ours)
             rec = rebuild(chain)
+            if rec is not None:
+                self.warm_up(rec)  # raises, and the old version keeps serving, if it cannot score
             with self.lock:
                 self.recommender = rec
                 self._served(chain)
@@ -58,14 +95,37 @@ class ServedModels:
         self.published_ms = chain[-1].created_ms
         self.applied_ms = int(time.time() * 1000)
 
+    def warm_up(self, rec: OnlineRecommender) -> None:
+        """Score the last few requests with a model about to serve; any error or a non-finite
+        score stops the switch."""
+        for user, candidates, user_id in list(self._recent):
+            scores = rec.score_many(user, candidates, user_id)
+            if not np.isfinite(scores).all():
+                raise ValueError("a new version scored recent requests with NaN/Inf; not switching to it")
+
+    def _load(self, version: int) -> OnlineRecommender:
+        chain = self.store.chain_to(version)
+        if chain is None:
+            kept = ", ".join(map(str, self.store.snapshots())) or "none"
+            raise UnknownVersion(f"model version {version} is not stored (snapshots kept: {kept}; "
+                                 f"deltas expire after {self.store.delta_ttl_s} s)")
+        rec = rebuild(chain)
+        assert rec is not None
+        self.warm_up(rec)
+        with self._others_lock:
+            self._others[version] = rec
+            while len(self._others) > self._keep:
+                self._others.popitem(last=False)
+        return rec
+
     def start(self) -> None:
         def loop() -> None:
             while not self._stop.is_set():
                 try:
                     self.refresh()
                     self.error = None
-                except (redis.RedisError, OSError, ValueError) as exc:
-                    if self.error is None:
+                except (redis.RedisError, OSError, ValueError, UnknownVersion) as exc:
+                    if self.error != str(exc):
                         log.warning("cannot follow model versions: %s", exc)
                     self.error = str(exc)
                 self._stop.wait(self.poll_s)
@@ -78,13 +138,39 @@ class ServedModels:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def score(self, user: dict[str, Any] | None, candidates: list[tuple[str, dict[str, Any] | None]],
-              user_id: str) -> tuple[np.ndarray, int] | None:
-        """Scores from the served version, and that version; None while no model is published."""
+    # -- requests ---------------------------------------------------------------------------
+    def choose(self, user_id: str, pinned: int | None = None) -> Choice | None:
+        """The model for this request: a pinned version, the canary for its share of users, or
+        the live one; None while nothing is published. Raises UnknownVersion for a bad pin."""
+        if pinned is not None and pinned != self.version:
+            with self._others_lock:
+                rec = self._others.get(pinned)
+                if rec is not None:
+                    self._others.move_to_end(pinned)
+            return Choice(rec or self._load(pinned), pinned, "pinned", False)
+        canary = self.canary
+        if canary is not None and pinned is None and in_share(user_id, canary[1]):
+            rec = self._others.get(canary[0])
+            if rec is not None:
+                return Choice(rec, canary[0], "canary", False)
+        rec = self.recommender
+        return None if rec is None else Choice(rec, self.version, "live", True)
+
+    def score(self, choice: Choice, user: dict[str, Any] | None, candidates: Candidates,
+              user_id: str) -> tuple[np.ndarray, int]:
+        """Scores, and the version that gave them (the live one may have moved on since choose)."""
+        self._recent.append((user, candidates, user_id))
+        if not choice.locked:
+            return choice.recommender.score_many(user, candidates, user_id), choice.version
         with self.lock:
-            if self.recommender is None:
-                return None
-            return self.recommender.score_many(user, candidates, user_id), self.version
+            return self.recommender.score_many(user, candidates, user_id), self.version  # type: ignore[union-attr]
+
+    def retrieve(self, choice: Choice, user: dict[str, Any] | None, k: int, user_id: str,
+                 exclude: set[str]) -> list[str]:
+        if not choice.locked:
+            return choice.recommender.retrieve(user, k, user_id, exclude)
+        with self.lock:
+            return self.recommender.retrieve(user, k, user_id, exclude)  # type: ignore[union-attr]
 
     def knows(self, item_id: str) -> dict[str, bool]:
         """Whether the served version has parameters for an item (admitted and not evicted)."""
@@ -95,8 +181,11 @@ class ServedModels:
             return {"embedding": rec.embedding.items.get(item_id) >= 0,
                     "ranker": f"item={item_id}" in rec.ranker.model._weights}
 
-    def retrieve(self, user: dict[str, Any] | None, k: int, user_id: str, exclude: set[str]) -> list[str]:
-        with self.lock:
-            if self.recommender is None:
-                return []
-            return self.recommender.retrieve(user, k, user_id, exclude)
+
+def in_share(user_id: str, share: float) -> bool:
+    """Whether a user falls in a traffic share; stable across processes and restarts.
+
+    >>> sum(in_share(str(u), 0.1) for u in range(10_000))
+    1014
+    """
+    return zlib.crc32(user_id.encode()) % 10_000 < share * 10_000

@@ -124,10 +124,17 @@ class PaneCounts:
                     del self.totals[key]
 
 
+def _keep_newest(newest: list[tuple[int, str, str]], entry: tuple[int, str, str], n: int) -> None:
+    """Insert into an ascending list that keeps only the n newest (out-of-order arrivals included)."""
+    if len(newest) < n or entry > newest[0]:
+        newest.insert(bisect_left(newest, entry), entry)
+        del newest[:-n]
+
+
 class UserState:
     """Recent behavior counts, last-N viewed items and top categories of one user."""
 
-    __slots__ = ("categories", "counts", "newest", "seen", "views")
+    __slots__ = ("buys", "categories", "counts", "newest", "seen", "views")
 
     def __init__(self) -> None:
         self.newest = 0
@@ -135,6 +142,7 @@ class UserState:
         self.counts = PaneCounts()
         self.categories = PaneCounts()
         self.views: list[tuple[int, str, str]] = []  # the last N views ever: (ts, event_id, item)
+        self.buys: list[tuple[int, str, str]] = []  # the last N purchases, for serving to exclude
 
     def add(self, ev: Ev, spec: Spec) -> bool:
         """Fold one event in; False for a duplicate (then nothing downstream should see it)."""
@@ -149,17 +157,16 @@ class UserState:
         self.counts.add(ev.ts, ev.behavior, spec.pane_ms, spec.window_ms)
         if ev.category_id:
             self.categories.add(ev.ts, ev.category_id, spec.pane_ms, spec.window_ms)
-        if ev.behavior == "view":
-            view = (ev.ts, ev.event_id, ev.item_id)
-            if len(self.views) < spec.last_n or view > self.views[0]:
-                self.views.insert(bisect_left(self.views, view), view)
-                del self.views[:-spec.last_n]
+        if ev.behavior in ("view", "buy"):
+            _keep_newest(self.views if ev.behavior == "view" else self.buys, (ev.ts, ev.event_id, ev.item_id),
+                         spec.last_n)
         return True
 
     def features(self, spec: Spec) -> dict[str, object]:
         totals = self.counts.totals
         out: dict[str, object] = {f"{b}s": totals.get(b, 0) for b in BEHAVIORS}
         out["last_viewed_items"] = [item for _, _, item in reversed(self.views)]
+        out["last_bought_items"] = [item for _, _, item in reversed(self.buys)]
         out["top_categories"] = [c for c, _ in _top(self.categories.totals, spec.top_categories)]
         return out
 

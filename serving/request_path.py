@@ -1,0 +1,180 @@
+"""One recommendation request, stage by stage, timed:
+
+    user        the user's row (recent views and buys, counts): one Redis round trip
+    candidates  co-visitation neighbours of the recent items (one round trip), embedding
+                nearest neighbours, the user's recent items, trending; per-source quotas, no
+                duplicates, nothing the user just bought or the app excluded
+    features    every candidate's item row: one pipelined round trip, Feast's layout read directly
+    score       the chosen model version, vectorized over all candidates
+    rank        top-k (of the requested page), each with the sources that found it
+
+Graceful degradation: when Redis fails or is slower than FRESHREC_REDIS_TIMEOUT_MS, the
+request is answered from what the process holds (the last trending list, the served
+parameters, the embedding's own user rows) and flagged ``degraded``; for the next second no
+request waits on Redis again, then one tries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from connectors.feast_redis import FeastRedisReader
+from serving.candidates import merge
+from serving.models import Choice, ServedModels
+from serving.ranking import rank
+
+RECENT_ITEMS = 5
+RETRIEVE = 60
+SCORER = "transparent-v1"
+TRENDING_MAX_AGE_S = 1.0  # the trending list changes slowly; one read a second, not one per request
+BREAKER_S = 1.0
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the app knows about the moment of the request (the POST form)."""
+
+    current_item: str | None = None
+    page: int = 0
+    exclude: frozenset[str] = frozenset()
+
+
+@dataclass
+class Answer:
+    items: list[tuple[str, float, list[str]]]
+    scorer: str
+    model_version: int | None
+    model_role: str | None  # live, canary or pinned
+    features: dict[str, int | None]  # feature view -> event time (ms) of the newest value used
+    known_user: bool
+    degraded: bool = False
+    degraded_reason: str | None = None
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    sources: Counter[str] = field(default_factory=Counter)  # candidates per source
+    candidates: int = 0
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = round((now - self.t) * 1000, 3)
+        self.t = now
+
+
+class RequestPath:
+    def __init__(self, client: redis.Redis, reader: FeastRedisReader, models: ServedModels,
+                 trending_key: str) -> None:
+        self.client, self.reader, self.models, self.trending_key = client, reader, models, trending_key
+        self.trending: list[tuple[str, int]] = []  # the last list read: the fallback too
+        self.trending_ts: int | None = None
+        self._trending_read = -TRENDING_MAX_AGE_S
+        self.down_until = 0.0  # Redis failed: answer degraded until then without trying it
+        self.newest_feature_ms = 0  # event time of the newest feature value seen (for /metrics)
+
+    def recommend(self, user_id: str, k: int, context: Context = Context(), pinned: int | None = None) -> Answer:
+        clock = _Clock()
+        choice = self.models.choose(user_id, pinned)  # UnknownVersion for a bad pin: the app's 404
+        if time.monotonic() < self.down_until:
+            return self._fallback(user_id, k, context, choice, "online store unavailable (retrying shortly)", clock)
+        try:
+            return self._recommend(user_id, k, context, choice, clock)
+        except redis.RedisError as exc:
+            self.down_until = time.monotonic() + BREAKER_S
+            return self._fallback(user_id, k, context, choice, f"online store unavailable: {exc}", clock)
+
+    def _recommend(self, user_id: str, k: int, context: Context, choice: Choice | None, clock: _Clock) -> Answer:
+        (user,) = self.reader.read([("user_recent", user_id)])
+        self._refresh_trending()
+        clock.lap("user")
+        recent = list(user.get("last_viewed_items") or [])[:RECENT_ITEMS] if user else []
+        anchors = list(dict.fromkeys(([context.current_item] if context.current_item else []) + recent))
+        covisit = [r or {} for r in self.reader.read([("item_covisit", i) for i in anchors])]
+        neighbours = [r.get("neighbours", []) for r in covisit]
+        counts = [r.get("neighbour_counts", []) for r in covisit]
+        exclude = set(context.exclude) | set((user or {}).get("last_bought_items") or [])
+        if context.current_item:
+            exclude.add(context.current_item)
+        freshness = {"user_recent": user["_event_ts_ms"] if user else None,
+                     "item_covisit": max((r["_event_ts_ms"] for r in covisit if r), default=None),
+                     "trending": self.trending_ts}
+        want = (context.page + 1) * k
+        if choice is None:  # nothing published yet: the transparent scorer needs no item features
+            ranked = [r for r in rank(neighbours, counts, self.trending, want + len(exclude), anchors)
+                      if r[0] not in exclude]
+            clock.lap("candidates")
+            answer = Answer(ranked[want - k:want], SCORER, None, None, freshness, user is not None,
+                            sources=Counter(s.split(":")[0] for _, _, src in ranked for s in src),
+                            candidates=len(ranked))
+            clock.lap("rank")
+            answer.stages_ms = clock.laps
+            return answer
+        covisit_ranked = rank(neighbours, counts, [], 100, anchors)
+        why = {i: src for i, _, src in covisit_ranked}  # "covisit:<the recent item it neighbours>"
+        features = {key: v for key, v in (user or {}).items() if not key.startswith("_")} or None
+        retrieved = self.models.retrieve(choice, features, RETRIEVE, user_id, exclude)
+        cands = merge([("covisit", [i for i, _, _ in covisit_ranked]), ("embedding", retrieved),
+                       ("recent", recent), ("trending", [i for i, _ in self.trending])], exclude=exclude)
+        clock.lap("candidates")
+        rows = self.reader.read([("item_recent", i) for i, _ in cands])
+        clock.lap("features")
+        item_features = [{key: v for key, v in r.items() if key != "_event_ts_ms"} if r else None for r in rows]
+        freshness["item_recent"] = max((r["_event_ts_ms"] for r in rows if r), default=None)
+        self.newest_feature_ms = max(self.newest_feature_ms, *(v or 0 for v in freshness.values()))
+        answer = self._score(user_id, features, cands, item_features, choice, want, k, why, clock)
+        answer.features, answer.known_user = freshness, user is not None
+        return answer
+
+    def _score(self, user_id: str, user: dict[str, Any] | None, cands: list[tuple[str, list[str]]],
+               item_features: list[dict[str, Any] | None], choice: Choice, want: int, k: int,
+               why: dict[str, list[str]], clock: _Clock) -> Answer:
+        scores, version = self.models.score(choice, user, [(i, f) for (i, _), f in zip(cands, item_features,
+                                                                                        strict=True)], user_id)
+        clock.lap("score")
+        order = sorted(range(len(cands)), key=lambda j: (-scores[j], cands[j][0]))[want - k:want]
+
+        def reasons(item: str, found_by: list[str]) -> list[str]:
+            return list(dict.fromkeys(x for src in found_by for x in (why[item] if src == "covisit" else [src])))
+
+        answer = Answer([(cands[j][0], round(float(scores[j]), 6), reasons(*cands[j])) for j in order],
+                        f"online-v{version}", version, choice.role, {}, False,
+                        sources=Counter(src for _, found_by in cands for src in found_by), candidates=len(cands))
+        clock.lap("rank")
+        answer.stages_ms = clock.laps
+        return answer
+
+    def _refresh_trending(self) -> None:
+        now = time.monotonic()
+        if now - self._trending_read < TRENDING_MAX_AGE_S:
+            return
+        raw = self.client.get(self.trending_key)
+        doc = json.loads(raw) if raw else {"ts": None, "items": []}
+        self.trending = [(str(i), int(n)) for i, n in doc["items"]]
+        self.trending_ts, self._trending_read = doc["ts"], now
+
+    def _fallback(self, user_id: str, k: int, context: Context, choice: Choice | None, reason: str,
+                  clock: _Clock) -> Answer:
+        """No Redis: the last trending list and, with a model, its own user row's neighbours."""
+        exclude = set(context.exclude) | ({context.current_item} if context.current_item else set())
+        want = (context.page + 1) * k
+        trending = [i for i, _ in self.trending if i not in exclude]
+        if choice is None:
+            items = [(i, 0.0, ["trending"]) for i in trending[want - k:want]]
+            answer = Answer(items, SCORER, None, None, {}, False, True, reason,
+                            sources=Counter({"trending": len(trending)}))
+        else:
+            retrieved = self.models.retrieve(choice, None, RETRIEVE, user_id, exclude)
+            cands = merge([("embedding", retrieved), ("trending", trending)], exclude=exclude)
+            answer = self._score(user_id, None, cands, [None] * len(cands), choice, want, k, {}, clock)
+            answer.degraded, answer.degraded_reason = True, reason
+        answer.stages_ms = answer.stages_ms or clock.laps
+        return answer
