@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,47 +88,6 @@ def run_load(port: int, paths_file: Path, rate: float, seconds: float) -> dict:
 
 
 # -- set-up -------------------------------------------------------------------------------------
-def populate(settings, n_events: int) -> list[str]:  # noqa: ANN001 - Settings, imported late
-    """Feature rows and a published model for a simulated log; returns the users."""
-    import redis
-
-    from connectors.feast_redis import FeastRedisWriter
-    from connectors.schema import validate
-    from connectors.simulator import simulate
-    from features.definitions import FEATURE_VIEWS, trending_key
-    from online_learning.publish import ParameterStore
-    from online_learning.trainer import learn_log
-
-    raw = list(simulate(n_events, n_users=5_000, n_items=20_000, n_categories=200, seed=7))
-    events = [validate(e, min_ts_ms=0) for e in raw]
-    rec, batch, n = learn_log(settings, events, progress=False)
-    client = redis.Redis.from_url(settings.redis_url)
-    store = ParameterStore(client, settings.feast_project)
-    store.publish("snapshot", rec.snapshot(), 0, {"examples": n})
-    ts = events[-1].ts
-    # co-visitation: views of one user within the gap, both ways, top 20 per item
-    pairs: dict[str, Counter[str]] = defaultdict(Counter)
-    last: dict[str, tuple[str, int]] = {}
-    for e in events:
-        if e.behavior != "view":
-            continue
-        prev = last.get(e.user_id)
-        if prev and prev[0] != e.item_id and e.ts - prev[1] <= settings.covisit_gap_seconds * 1000:
-            pairs[prev[0]][e.item_id] += 1
-            pairs[e.item_id][prev[0]] += 1
-        last[e.user_id] = (e.item_id, e.ts)
-    rows = [("user_recent", u, ts, batch.user_features(u)) for u in batch.users]
-    rows += [("item_recent", i, ts, batch.item_features(i)) for i in batch.items]
-    for item, c in pairs.items():
-        top = c.most_common(settings.covisit_top_k)
-        rows.append(("item_covisit", item, ts, {"neighbours": [i for i, _ in top],
-                                                "neighbour_counts": [n for _, n in top]}))
-    FeastRedisWriter(client, settings.feast_project, FEATURE_VIEWS).write(rows)
-    popular = Counter(e.item_id for e in events[-20_000:]).most_common(settings.trending_size)
-    client.set(trending_key(settings.feast_project), json.dumps({"ts": ts, "items": popular}))
-    return sorted(batch.users)
-
-
 def feast_vs_freshrec(settings, items: list[str], repeats: int = 50) -> dict:  # noqa: ANN001
     import redis
 
@@ -183,7 +142,9 @@ def main() -> int:
     api = None
     try:
         print(f"populating from {args.events} simulated events ...", file=sys.stderr)
-        users = populate(settings, args.events)
+        from freshrec.seed import seed_online_state
+
+        users = seed_online_state(settings, args.events)
         rng = random.Random(1)
         paths = [f"/recommendations?user_id={rng.choice(users)}&k=10" for _ in range(5000)]
         paths_file = tmp / "paths.json"
@@ -201,6 +162,9 @@ def main() -> int:
                 raise SystemExit("the API never became ready")
             time.sleep(0.5)
         probe = [httpx.get(f"http://127.0.0.1:{settings.api_port}{p}&debug=true").json() for p in paths[:200]]
+        odd = [p for p in probe if p.get("degraded") or "features" not in p.get("stages_ms", {})]
+        if odd:
+            raise SystemExit(f"{len(odd)} of {len(probe)} probes did not take the full path, e.g. {odd[0]}")
         candidates = statistics.mean(p["candidates"] for p in probe)
         stages = {s: round(statistics.median(p["stages_ms"][s] for p in probe), 3) for s in probe[0]["stages_ms"]}
         print(f"mean candidates per request {candidates:.0f}; median stage ms {stages}", file=sys.stderr)

@@ -310,6 +310,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def __getattr__(name: str) -> Any:
     # `uvicorn serving.app:app` builds the app on first access, from the environment.
     if name == "app":
+        import torch
+
+        torch.set_num_threads(1)  # see serving/__init__.py
         globals()["app"] = create_app()
         return globals()["app"]
     raise AttributeError(name)
