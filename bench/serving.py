@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RATES = (100, 500, 1000)
-LADDER = (250, 500, 750, 1000, 1250, 1500, 2000)
+LADDER = (200, 250, 300, 350, 400, 450, 500, 600, 750, 1000)
 
 
 # -- the load generator (its own process) -----------------------------------------------------
@@ -157,10 +157,13 @@ def main() -> int:
         import httpx
 
         deadline = time.monotonic() + 120
-        while httpx.get(f"http://127.0.0.1:{settings.api_port}/readyz").status_code != 200:
+        streak = 0  # every worker has loaded the model: many answers in a row scored by it
+        while streak < 40:
+            r = httpx.get(f"http://127.0.0.1:{settings.api_port}{paths[0]}")
+            streak = streak + 1 if r.status_code == 200 and r.json()["model_version"] else 0
             if time.monotonic() > deadline:
                 raise SystemExit("the API never became ready")
-            time.sleep(0.5)
+            time.sleep(0.05)
         probe = [httpx.get(f"http://127.0.0.1:{settings.api_port}{p}&debug=true").json() for p in paths[:200]]
         odd = [p for p in probe if p.get("degraded") or "features" not in p.get("stages_ms", {})]
         if odd:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis
 from feast import FeatureView
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
@@ -124,6 +125,7 @@ class FeastRedisReader:
         self._commands: dict[tuple[str, str], bytes] = {}
         self._values: dict[bytes, Any] = {}
         self._ts: dict[bytes, int] = {}
+        self._rows: dict[tuple[Any, ...], dict[str, Any]] = {}  # decoded rows by their raw replies
 
     def _command(self, view: str, entity: str) -> bytes:
         cmd = self._commands.get((view, entity))
@@ -158,14 +160,17 @@ class FeastRedisReader:
         return ms
 
     def fetch(self, requests: list[tuple[str, str]]) -> list[list[bytes | None]]:
-        """The raw HMGET replies, all sent in one write and read back in one round trip."""
+        """The raw HMGET replies, all sent in one write and read back in one round trip.
+
+        The replies are parsed by hiredis straight off the socket: redis-py's per-reply
+        read_response costs ~10 us each, a third of a 200-row read."""
         if not requests:
             return []
         pool = self.client.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([b"".join(self._command(v, e) for v, e in requests)], check_health=False)
-            return [conn.read_response() for _ in requests]
+            return _read_replies(conn, len(requests))
         except BaseException:
             conn.disconnect()  # replies may be left unread on it
             raise
@@ -173,15 +178,45 @@ class FeastRedisReader:
             pool.release(conn)
 
     def read(self, requests: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
-        """For each ``(view, entity)``, the feature dict plus ``_event_ts_ms``, or None."""
+        """For each ``(view, entity)``, the feature dict plus ``_event_ts_ms``, or None.
+
+        Rows are shared between reads while their bytes stay the same: treat them as read-only."""
         out: list[dict[str, Any] | None] = []
+        rows = self._rows
         for (view, _), raw in zip(requests, self.fetch(requests), strict=True):
             if raw[-1] is None:
                 out.append(None)
                 continue
-            fields = self.layouts[view].fields  # raw has one more: the timestamp
-            values = {name: self._value(blob) for (name, _, _), blob in zip(fields, raw, strict=False)
-                      if blob is not None}
-            values["_event_ts_ms"] = self._event_ms(raw[-1])
-            out.append(values)
+            key = (view, *raw)
+            row = rows.get(key)
+            if row is None:
+                fields = self.layouts[view].fields  # raw has one more: the timestamp
+                row = {name: self._value(blob) for (name, _, _), blob in zip(fields, raw, strict=False)
+                       if blob is not None}
+                row["_event_ts_ms"] = self._event_ms(raw[-1])
+                if len(rows) >= self.cache_entries:
+                    rows.clear()
+                rows[key] = row
+            out.append(row)
         return out
+
+
+def _read_replies(conn: Any, n: int) -> list[Any]:
+    sock = conn._sock
+    parser = hiredis.Reader()
+    out: list[Any] = []
+    while len(out) < n:
+        try:
+            data = sock.recv(1 << 18)
+        except TimeoutError as exc:
+            raise redis.TimeoutError(f"Timeout reading from {conn.host}:{conn.port}") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error reading from {conn.host}:{conn.port}: {exc}") from exc
+        if not data:
+            raise redis.ConnectionError(f"Connection closed by {conn.host}:{conn.port}")
+        parser.feed(data)
+        while (reply := parser.gets()) is not False:
+            if isinstance(reply, hiredis.ReplyError):
+                raise redis.ResponseError(str(reply))
+            out.append(reply)
+    return out

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import orjson
 import redis
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -151,7 +152,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return producer[0]
 
     # -- for apps --------------------------------------------------------------------------------
-    def answer(q: RecommendationQuery) -> Recommendations:
+    def answer(q: RecommendationQuery) -> Response:
+        # Blocking Redis reads inside async handlers: a request is CPU-bound and its round trips
+        # take ~0.1 ms, so the thread-pool hop would cost more than it frees. A slow Redis blocks
+        # a worker for at most FRESHREC_REDIS_TIMEOUT_MS, once a second (the breaker).
         try:
             a: Answer = path.recommend(q.user_id, q.k, Context(q.current_item, q.page, frozenset(q.exclude)),
                                        q.model_version)
@@ -163,30 +167,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.candidates.labels(source).inc(n)
         if a.degraded:
             metrics.degraded.inc()
-        return Recommendations(
-            user_id=q.user_id, scorer=a.scorer, model_version=a.model_version, model_role=a.model_role,
-            features=a.features, known_user=a.known_user, degraded=a.degraded, degraded_reason=a.degraded_reason,
-            page=q.page, stages_ms=a.stages_ms if q.debug else None, candidates=a.candidates if q.debug else None,
-            items=[Recommendation(item_id=i, score=s, sources=src) for i, s, src in a.items])
+        body: dict[str, Any] = {
+            "user_id": q.user_id, "scorer": a.scorer, "model_version": a.model_version, "model_role": a.model_role,
+            "features": a.features, "known_user": a.known_user, "degraded": a.degraded, "page": q.page,
+            "items": [{"item_id": i, "score": s, "sources": src} for i, s, src in a.items]}
+        if a.degraded_reason:
+            body["degraded_reason"] = a.degraded_reason
+        if q.debug:
+            body["stages_ms"], body["candidates"] = a.stages_ms, a.candidates
+        # Built by hand and serialized once (orjson): FastAPI's response_model pass would
+        # validate the same fields again; the model below documents the shape.
+        return Response(orjson.dumps(body), media_type="application/json")
 
     @app.get("/recommendations", response_model=Recommendations, response_model_exclude_none=True,
              responses={404: {"description": "model_version is not stored"}})
-    def recommendations(
+    async def recommendations(
         user_id: Annotated[str, Query(pattern=ID, description="the app's user id")],
         k: Annotated[int, Query(ge=1, le=200, description="how many items")] = 10,
         page: Annotated[int, Query(ge=0, le=MAX_PAGE, description="0 for the first k, 1 for the next k")] = 0,
         current_item: Annotated[str | None, Query(pattern=ID, description="the item on screen")] = None,
         model_version: Annotated[int | None, Query(ge=1, description="score with this stored version")] = None,
         debug: Annotated[bool, Query(description="add the time spent per stage")] = False,
-    ) -> Recommendations:
+    ) -> Response:
         """Top-k items for a user, each with the sources that found it. Never a 5xx for a slow or
         absent online store: the answer is then ``degraded`` (trending and the served model)."""
-        return answer(RecommendationQuery(user_id=user_id, k=k, page=page, current_item=current_item,
-                                          model_version=model_version, debug=debug))
+        return answer(RecommendationQuery.model_construct(user_id=user_id, k=k, page=page, current_item=current_item,
+                                                          exclude=[], model_version=model_version, debug=debug))
 
     @app.post("/recommendations", response_model=Recommendations, response_model_exclude_none=True,
               responses={404: {"description": "model_version is not stored"}})
-    def recommendations_in_context(query: RecommendationQuery) -> Recommendations:
+    async def recommendations_in_context(query: RecommendationQuery) -> Response:
         """The same, with context: the item on screen, the page, items to leave out."""
         return answer(query)
 

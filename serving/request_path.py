@@ -30,7 +30,11 @@ from serving.models import Choice, ServedModels
 from serving.ranking import rank
 
 RECENT_ITEMS = 5
-RETRIEVE = 60
+RETRIEVE = 100
+MAX_CANDIDATES = 200
+# The user's own recent items first (few, strong in e-commerce), then neighbours of what they
+# viewed, then what the embedding retrieves, then trending; the total is capped.
+QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "embedding": RETRIEVE, "trending": 40}
 SCORER = "transparent-v1"
 TRENDING_MAX_AGE_S = 1.0  # the trending list changes slowly; one read a second, not one per request
 BREAKER_S = 1.0
@@ -122,15 +126,15 @@ class RequestPath:
         why = {i: src for i, _, src in covisit_ranked}  # "covisit:<the recent item it neighbours>"
         features = {key: v for key, v in (user or {}).items() if not key.startswith("_")} or None
         retrieved = self.models.retrieve(choice, features, RETRIEVE, user_id, exclude)
-        cands = merge([("covisit", [i for i, _, _ in covisit_ranked]), ("embedding", retrieved),
-                       ("recent", recent), ("trending", [i for i, _ in self.trending])], exclude=exclude)
+        cands = merge([("recent", recent), ("covisit", [i for i, _, _ in covisit_ranked]), ("embedding", retrieved),
+                       ("trending", [i for i, _ in self.trending])], QUOTAS, exclude)[:MAX_CANDIDATES]
         clock.lap("candidates")
         rows = self.reader.read([("item_recent", i) for i, _ in cands])
         clock.lap("features")
-        item_features = [{key: v for key, v in r.items() if key != "_event_ts_ms"} if r else None for r in rows]
+        # Rows go to the model as read (its features ignore the extra _event_ts_ms): no copies.
         freshness["item_recent"] = max((r["_event_ts_ms"] for r in rows if r), default=None)
         self.newest_feature_ms = max(self.newest_feature_ms, *(v or 0 for v in freshness.values()))
-        answer = self._score(user_id, features, cands, item_features, choice, want, k, why, clock)
+        answer = self._score(user_id, features, cands, rows, choice, want, k, why, clock)
         answer.features, answer.known_user = freshness, user is not None
         return answer
 
@@ -173,7 +177,7 @@ class RequestPath:
                             sources=Counter({"trending": len(trending)}))
         else:
             retrieved = self.models.retrieve(choice, None, RETRIEVE, user_id, exclude)
-            cands = merge([("embedding", retrieved), ("trending", trending)], exclude=exclude)
+            cands = merge([("embedding", retrieved), ("trending", trending)], QUOTAS, exclude)
             answer = self._score(user_id, None, cands, [None] * len(cands), choice, want, k, {}, clock)
             answer.degraded, answer.degraded_reason = True, reason
         answer.stages_ms = answer.stages_ms or clock.laps

@@ -60,7 +60,7 @@ def test_request_path_stages_sources_and_versions(served: tuple[Settings, list[s
     assert body["model_version"] == head and body["model_role"] == "live" and not body["degraded"]
     assert body["known_user"] and len(body["items"]) == 10
     assert set(body["stages_ms"]) == {"user", "candidates", "features", "score", "rank"}
-    assert 10 < body["candidates"] <= 220
+    assert 10 < body["candidates"] <= 200
     assert body["features"]["user_recent"] and body["features"]["item_recent"]
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
