@@ -91,7 +91,7 @@ def start_feature_job(settings: Settings, log_dir: Path) -> subprocess.Popen[byt
 
 def start_api(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", settings.api_host,
-            "--port", str(settings.api_port), "--no-access-log"]
+            "--port", str(settings.api_port), "--no-access-log", "--workers", str(settings.api_workers)]
     return spawn("api", args, settings, log_dir)
 
 
