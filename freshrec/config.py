@@ -71,6 +71,8 @@ class Settings:
     api_port: int = field(default=8000, metadata=_doc("recommendation API port"))
     api_workers: int = field(default=1, metadata=_doc("uvicorn worker processes of the API"))
     redis_timeout_ms: int = field(default=50, metadata=_doc("the API answers degraded when Redis is slower"))
+    item_cache_ms: int = field(default=250, metadata=_doc("the API reuses an item's feature row this long "
+                                                          "(0: read every time); user rows are always read"))
     admin_api_key: str = field(default="", repr=False,
                                metadata=_doc("X-API-Key for the API's /admin endpoints (unset: admin disabled)"))
 
@@ -109,6 +111,8 @@ class Settings:
                     "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count", "param_ttl_seconds",
                     "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds", "model_poll_ms",
                     "api_workers", "redis_timeout_ms")
+        if self.item_cache_ms < 0:
+            raise ConfigError(f"FRESHREC_ITEM_CACHE_MS={self.item_cache_ms} must be 0 or more")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")

@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The follower may wait on big snapshots: its own client, with a longer timeout.
     models = ServedModels(ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10),
                                          settings.feast_project), settings.model_poll_ms)
-    path = RequestPath(client, reader, models, trending_key(settings.feast_project))
+    path = RequestPath(client, reader, models, trending_key(settings.feast_project), settings.item_cache_ms)
     metrics = Metrics(models, path)
 
     @asynccontextmanager

@@ -4,7 +4,9 @@
     candidates  co-visitation neighbours of the recent items (one round trip), embedding
                 nearest neighbours, the user's recent items, trending; per-source quotas, no
                 duplicates, nothing the user just bought or the app excluded
-    features    every candidate's item row: one pipelined round trip, Feast's layout read directly
+    features    every candidate's item row: one pipelined round trip, Feast's layout read directly;
+                rows read in the last FRESHREC_ITEM_CACHE_MS (250) are reused: an item's counts
+                barely move in a quarter second, and popular items are in every request
     score       the chosen model version, vectorized over all candidates
     rank        top-k (of the requested page), each with the sources that found it
 
@@ -38,6 +40,7 @@ QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "embedding": RETRIEVE, "trendi
 SCORER = "transparent-v1"
 TRENDING_MAX_AGE_S = 1.0  # the trending list changes slowly; one read a second, not one per request
 BREAKER_S = 1.0
+ITEM_CACHE_ENTRIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,10 @@ class _Clock:
 
 class RequestPath:
     def __init__(self, client: redis.Redis, reader: FeastRedisReader, models: ServedModels,
-                 trending_key: str) -> None:
+                 trending_key: str, item_cache_ms: int = 250) -> None:
         self.client, self.reader, self.models, self.trending_key = client, reader, models, trending_key
+        self.item_cache_s = item_cache_ms / 1000
+        self.item_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.trending: list[tuple[str, int]] = []  # the last list read: the fallback too
         self.trending_ts: int | None = None
         self._trending_read = -TRENDING_MAX_AGE_S
@@ -129,7 +134,7 @@ class RequestPath:
         cands = merge([("recent", recent), ("covisit", [i for i, _, _ in covisit_ranked]), ("embedding", retrieved),
                        ("trending", [i for i, _ in self.trending])], QUOTAS, exclude)[:MAX_CANDIDATES]
         clock.lap("candidates")
-        rows = self.reader.read([("item_recent", i) for i, _ in cands])
+        rows = self._item_rows([i for i, _ in cands])
         clock.lap("features")
         # Rows go to the model as read (its features ignore the extra _event_ts_ms): no copies.
         freshness["item_recent"] = max((r["_event_ts_ms"] for r in rows if r), default=None)
@@ -155,6 +160,28 @@ class RequestPath:
         clock.lap("rank")
         answer.stages_ms = clock.laps
         return answer
+
+    def _item_rows(self, items: list[str]) -> list[dict[str, Any] | None]:
+        now = time.monotonic()
+        horizon = now - self.item_cache_s
+        cache = self.item_cache
+        rows: list[dict[str, Any] | None] = []
+        missing: list[int] = []
+        for j, item in enumerate(items):
+            hit = cache.get(item)
+            if hit is not None and hit[0] >= horizon:
+                rows.append(hit[1])
+            else:
+                rows.append(None)
+                missing.append(j)
+        if missing:
+            if len(cache) > ITEM_CACHE_ENTRIES:
+                cache.clear()
+            for j, row in zip(missing, self.reader.read([("item_recent", items[j]) for j in missing]), strict=True):
+                rows[j] = row
+                if self.item_cache_s:
+                    cache[items[j]] = (now, row)
+        return rows
 
     def _refresh_trending(self) -> None:
         now = time.monotonic()
