@@ -18,6 +18,7 @@ request waits on Redis again, then one tries.
 
 from __future__ import annotations
 
+import heapq
 import json
 import time
 from collections import Counter
@@ -149,7 +150,9 @@ class RequestPath:
         scores, version = self.models.score(choice, user, [(i, f) for (i, _), f in zip(cands, item_features,
                                                                                         strict=True)], user_id)
         clock.lap("score")
-        order = sorted(range(len(cands)), key=lambda j: (-scores[j], cands[j][0]))[want - k:want]
+        neg = (-scores).tolist()  # plain floats: indexing a numpy array per candidate costs more
+        top = heapq.nsmallest(want, zip(neg, (i for i, _ in cands), range(len(cands)), strict=True))
+        order = [j for _, _, j in top][want - k:]
 
         def reasons(item: str, found_by: list[str]) -> list[str]:
             return list(dict.fromkeys(x for src in found_by for x in (why[item] if src == "covisit" else [src])))

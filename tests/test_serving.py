@@ -65,7 +65,10 @@ def test_request_path_stages_sources_and_versions(served: tuple[Settings, list[s
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
     assert all(i["sources"] for i in body["items"])
-    assert "stages_ms" not in client.get("/recommendations", params={"user_id": users[0]}).json()
+    plain = client.get("/recommendations", params={"user_id": users[0], "k": 7})
+    assert "stages_ms" not in plain.json()
+    assert plain.json() == client.post("/recommendations", json={"user_id": users[0], "k": 7}).json()
+    assert client.get("/recommendations", params={"user_id": users[0] + "\n"}).status_code == 422
 
 
 def test_context_exclusions_pages_and_recent_buys(served: tuple[Settings, list[str], TestClient]) -> None:
