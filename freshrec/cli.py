@@ -7,6 +7,7 @@
   freshrec doctor                     check Java, jars, binaries and ports
   freshrec init                       create topics, register feature views (for external Kafka/Redis)
   freshrec config                     every FRESHREC_* setting with its default
+  freshrec deploy [--print | --submit]  topic plan and the `flink run` for a Flink cluster (FRESHREC_FLINK_*)
   freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
   freshrec model [list | rollback --to VERSION]   published model versions; serve an older snapshot again
   freshrec train --source FILE        warm start: learn a historical log, publish the models as a snapshot
@@ -296,6 +297,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from freshrec.deploy import describe, submit
+    from jobs.feature_job import JOB_NAME
+
+    s = Settings.from_env()
+    if args.submit:
+        print(describe(s, JOB_NAME), flush=True)
+        return submit(s)
+    print(describe(s, JOB_NAME))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     for name, default, doc in Settings.describe():
         print(f"{name:36} {default:28} {doc}")
@@ -328,6 +341,11 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop a stack started by `freshrec up`").set_defaults(func=cmd_down)
     sub.add_parser("config", help="list every FRESHREC_* setting").set_defaults(func=cmd_config)
+    dp = sub.add_parser("deploy", help="the topic plan and the `flink run` that submits the job to a cluster")
+    how = dp.add_mutually_exclusive_group()
+    how.add_argument("--print", action="store_true", help="print them (the default)")
+    how.add_argument("--submit", action="store_true", help="print them, then run `flink run`")
+    dp.set_defaults(func=cmd_deploy)
     ev = sub.add_parser("evaluate", help="prequential top-K evaluation of the online models and baselines on a log")
     ev.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
     ev.add_argument("--format", default="auto", choices=FORMATS)

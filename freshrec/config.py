@@ -54,6 +54,9 @@ class Settings:
     checkpoint_interval_ms: int = field(default=5000, metadata=_doc("Flink checkpoint interval"))
     state_backend: str = field(default="hashmap", metadata=_doc("Flink state backend: hashmap or rocksdb"))
     parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
+    flink_mode: str = field(default="local", metadata=_doc("local: a PyFlink mini-cluster in the job's process; "
+                                                           "cluster: submitted with `flink run` (freshrec deploy)"))
+    flink_jobmanager: str = field(default="jobmanager:8081", metadata=_doc("JobManager REST address (cluster mode)"))
     sink_flush_ms: int = field(default=50, metadata=_doc("longest a feature row waits before Redis"))
     sink_batch_rows: int = field(default=500, metadata=_doc("feature rows per Redis pipeline"))
     positives: str = field(default="view,click,cart,fav,buy", metadata=_doc("behaviors that make positive examples"))
@@ -129,6 +132,8 @@ class Settings:
             raise ConfigError(f"FRESHREC_POSITIVES={self.positives!r}: use a comma list of " + ", ".join(BEHAVIORS))
         if self.negatives < 0:
             raise ConfigError(f"FRESHREC_NEGATIVES={self.negatives} must be 0 or more")
+        if self.flink_mode not in ("local", "cluster"):
+            raise ConfigError(f"FRESHREC_FLINK_MODE={self.flink_mode!r}; use local or cluster")
         if self.state_backend not in ("hashmap", "rocksdb"):
             raise ConfigError(f"FRESHREC_STATE_BACKEND={self.state_backend!r}; use hashmap or rocksdb")
         if not self.feast_project.replace("_", "").isalnum():

@@ -2,7 +2,9 @@
 
 Restart semantics: checkpoints are retained under ``<state_dir>/checkpoints/<name>``; a job
 started again with the same name resumes from the newest complete one (state and Kafka
-offsets), so a killed job picks up where its last checkpoint left it.
+offsets), so a killed job picks up where its last checkpoint left it. On a cluster the same
+holds when that directory is shared by the JobManager, the TaskManagers and the submitter
+(docker-compose mounts one volume at /state on all three).
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ def environment(settings: Settings, name: str, restore: bool = True):  # noqa: A
     root = checkpoint_root(settings, name)
     root.mkdir(parents=True, exist_ok=True)
     conf = Configuration()
-    conf.set_string("pipeline.jars", pipeline_jars_option())
+    if settings.flink_mode == "local":
+        # On a cluster (`flink run`, see `freshrec deploy`) the connector jars are in the
+        # image's lib/ and its configuration names the Python; the rest is the same job.
+        conf.set_string("pipeline.jars", pipeline_jars_option())
+        conf.set_string("python.executable", sys.executable)
+        conf.set_string("python.client.executable", sys.executable)
+        conf.set_string("rest.bind-address", "127.0.0.1")
     conf.set_string("pipeline.name", name)
     conf.set_string("python.execution-mode", "thread")  # process mode adds seconds of latency
-    conf.set_string("python.executable", sys.executable)
-    conf.set_string("python.client.executable", sys.executable)
     conf.set_string("execution.checkpointing.interval", f"{settings.checkpoint_interval_ms} ms")
     conf.set_string("execution.checkpointing.dir", root.as_uri())
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
@@ -59,7 +65,6 @@ def environment(settings: Settings, name: str, restore: bool = True):  # noqa: A
     conf.set_string("restart-strategy.type", "exponential-delay")
     # Network buffers ship when full or after this long; Flink's 100 ms default is a latency floor per hop.
     conf.set_string("execution.buffer-timeout.interval", "5 ms")
-    conf.set_string("rest.bind-address", "127.0.0.1")
     checkpoint = latest_checkpoint(root) if restore else None
     if checkpoint is not None:
         conf.set_string("execution.state-recovery.path", checkpoint.as_uri())
