@@ -28,7 +28,9 @@ SECRET = {"FRESHREC_ADMIN_API_KEY"}
 
 def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink") -> list[str]:
     """The submit command. The job's Python main runs in the client, which reads FRESHREC_*;
-    the operators carry the settings with them, so TaskManagers need no FRESHREC_* of their own."""
+    the operators carry the settings with them, so TaskManagers need no FRESHREC_* of their own.
+    ``--pyFiles`` ships the project to the TaskManagers: in the image it is the source tree only
+    (from a development checkout it would ship .venv too — submit from the image)."""
     return [flink, "run", "--jobmanager", settings.flink_jobmanager, "--detached",
             "--parallelism", str(settings.parallelism), "--python", str(root / "jobs" / "feature_job.py"),
             "--pyFiles", str(root)]
