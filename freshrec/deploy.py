@@ -7,8 +7,11 @@ same file the embedded stack runs (jobs/feature_job.py); with FRESHREC_FLINK_MOD
 leaves jars and the Python interpreter to the cluster's image and configuration.
 
 >>> s = Settings(flink_mode="cluster", flink_jobmanager="jm:8081", parallelism=2)
->>> " ".join(flink_run(s, root=Path("/app")))
-'flink run --jobmanager jm:8081 --detached --parallelism 2 --python /app/jobs/feature_job.py --pyFiles /app'
+>>> cmd = flink_run(s, root=Path("/app"))
+>>> cmd[:9]
+['flink', 'run', '--jobmanager', 'jm:8081', '--detached', '--parallelism', '2', '--python', '/app/jobs/feature_job.py']
+>>> cmd[9], cmd[10].split(",")[:2]
+('--pyFiles', ['/app/connectors', '/app/streaming'])
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ from jobs.topics import topic_plan
 from streaming.flink import PROJECT_ROOT, checkpoint_root, latest_checkpoint
 
 SECRET = {"FRESHREC_ADMIN_API_KEY"}
+PACKAGES = ("connectors", "streaming", "jobs", "features", "online_learning", "serving", "freshrec")
 
 
 def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink") -> list[str]:
     """The submit command. The job's Python main runs in the client, which reads FRESHREC_*;
     the operators carry the settings with them, so TaskManagers need no FRESHREC_* of their own.
-    ``--pyFiles`` ships the project to the TaskManagers: in the image it is the source tree only
-    (from a development checkout it would ship .venv too — submit from the image)."""
+    ``--pyFiles`` ships the project's packages to the TaskManagers (not the directory: a
+    checkout's .venv would go too)."""
     return [flink, "run", "--jobmanager", settings.flink_jobmanager, "--detached",
             "--parallelism", str(settings.parallelism), "--python", str(root / "jobs" / "feature_job.py"),
-            "--pyFiles", str(root)]
+            "--pyFiles", ",".join(str(root / p) for p in PACKAGES)]
 
 
 def job_env(settings: Settings) -> dict[str, str]:
