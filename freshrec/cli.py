@@ -315,6 +315,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def log_source(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of a command that reads a whole log (evaluate, train)."""
+    p.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--limit", type=int, help="only the first N events (in time order)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freshrec", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -346,23 +355,16 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--print", action="store_true", help="print them (the default)")
     how.add_argument("--submit", action="store_true", help="print them, then run `flink run`")
     dp.set_defaults(func=cmd_deploy)
-    ev = sub.add_parser("evaluate", help="prequential top-K evaluation of the online models and baselines on a log")
-    ev.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
-    ev.add_argument("--format", default="auto", choices=FORMATS)
-    ev.add_argument("--limit", type=int, help="only the first N events (in time order)")
+    ev = log_source(sub.add_parser("evaluate", help="prequential top-K evaluation of the online models and "
+                                                    "baselines on a log"))
     ev.add_argument("--out", default="bench/results", help="where evaluate.json and evaluate.png go")
-    ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
     md = sub.add_parser("model", help="published model versions; roll back to a snapshot")
     md.add_argument("action", nargs="?", default="list", choices=["list", "rollback"])
     md.add_argument("--to", type=int, help="the snapshot version to serve again (with rollback)")
     md.set_defaults(func=cmd_model)
-    tr = sub.add_parser("train", help="warm start: learn a historical log and publish the models as a snapshot")
-    tr.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
-    tr.add_argument("--format", default="auto", choices=FORMATS)
-    tr.add_argument("--limit", type=int, help="only the first N events (in time order)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.set_defaults(func=cmd_train)
+    log_source(sub.add_parser("train", help="warm start: learn a historical log and publish the models as a "
+                                            "snapshot")).set_defaults(func=cmd_train)
     return p
 
 
