@@ -24,7 +24,11 @@ def snapshot(reader: FeastRedisReader, users: list[str], items: list[str]) -> li
 
 def test_killed_job_resumes_from_checkpoint(make_settings, shared, reader) -> None:  # noqa: ANN001
     s = make_settings("restart")
-    events = generated("rs-", 1200, seed=11)
+    # Spread over 80 users the events span ~420 s ending ~180 s ago: none in the future, and the
+    # span well inside the shared job's allowed lateness (600 s) however unevenly its two
+    # partitions are read. (Over 25 users they spanned 880 s, up to 280 s ahead; when one
+    # partition ran ahead, the shared job rightly refused the other's oldest events as late.)
+    events = generated("rs-", 1200, seed=11, n_users=80)
     users = sorted({e.user_id for e in events})
     items = sorted({e.item_id for e in events})
     own = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
