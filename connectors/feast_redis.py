@@ -101,6 +101,9 @@ class FeastRedisWriter:
         return n
 
 
+_MISSING = object()  # a decoded value may be None
+
+
 def _resp(*args: bytes) -> bytes:
     """One Redis command in the wire protocol (RESP), packed once and cached by the reader."""
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
@@ -127,36 +130,35 @@ class FeastRedisReader:
         self._ts: dict[bytes, int] = {}
         self._rows: dict[tuple[Any, ...], dict[str, Any]] = {}  # decoded rows by their raw replies
 
+    def _keep(self, cache: dict[Any, Any], key: Any, value: Any) -> Any:
+        if len(cache) >= self.cache_entries:
+            cache.clear()
+        cache[key] = value
+        return value
+
     def _command(self, view: str, entity: str) -> bytes:
         cmd = self._commands.get((view, entity))
         if cmd is None:
-            if len(self._commands) >= self.cache_entries:
-                self._commands.clear()
             layout = self.layouts[view]
-            cmd = _resp(b"HMGET", layout.key(self.project, entity), *(f for _, f, _ in layout.fields),
-                        layout.ts_field)
-            self._commands[(view, entity)] = cmd
+            cmd = self._keep(self._commands, (view, entity),
+                             _resp(b"HMGET", layout.key(self.project, entity), *(f for _, f, _ in layout.fields),
+                                   layout.ts_field))
         return cmd
 
     def _value(self, blob: bytes) -> Any:
-        try:
-            return self._values[blob]
-        except KeyError:
-            if len(self._values) >= self.cache_entries:
-                self._values.clear()
+        value = self._values.get(blob, _MISSING)
+        if value is _MISSING:
             proto = ValueProto()
             proto.ParseFromString(blob)
-            value = self._values[blob] = _decode(proto)
-            return value
+            value = self._keep(self._values, blob, _decode(proto))
+        return value
 
     def _event_ms(self, blob: bytes) -> int:
         ms = self._ts.get(blob)
         if ms is None:
-            if len(self._ts) >= self.cache_entries:
-                self._ts.clear()
             ts = Timestamp()
             ts.ParseFromString(blob)
-            ms = self._ts[blob] = ts.seconds * 1000 + ts.nanos // 1_000_000
+            ms = self._keep(self._ts, blob, ts.seconds * 1000 + ts.nanos // 1_000_000)
         return ms
 
     def fetch(self, requests: list[tuple[str, str]]) -> list[list[bytes | None]]:
@@ -194,9 +196,7 @@ class FeastRedisReader:
                 row = {name: self._value(blob) for (name, _, _), blob in zip(fields, raw, strict=False)
                        if blob is not None}
                 row["_event_ts_ms"] = self._event_ms(raw[-1])
-                if len(rows) >= self.cache_entries:
-                    rows.clear()
-                rows[key] = row
+                self._keep(rows, key, row)
             out.append(row)
         return out
 

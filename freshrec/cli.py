@@ -302,11 +302,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from jobs.feature_job import JOB_NAME
 
     s = Settings.from_env()
-    if args.submit:
-        print(describe(s, JOB_NAME), flush=True)
-        return submit(s)
-    print(describe(s, JOB_NAME))
-    return 0
+    print(describe(s, JOB_NAME), flush=True)
+    return submit(s) if args.submit else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:

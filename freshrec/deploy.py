@@ -52,13 +52,14 @@ def job_env(settings: Settings) -> dict[str, str]:
 def describe(settings: Settings, job_name: str) -> str:
     lines = ["# topics (create before the job; partitions cannot be lowered later)"]
     lines += [f"{topic:40} partitions={n}" for topic, n in topic_plan(settings).items()]
-    ckpt = latest_checkpoint(checkpoint_root(settings, f"{job_name}-{settings.feast_project}"))
+    root = checkpoint_root(settings, f"{job_name}-{settings.feast_project}")
+    ckpt = latest_checkpoint(root)
     lines += ["", "# submit the feature job (it also writes the training examples)",
               " \\\n  ".join([*(f"{k}={shlex.quote(v)}" for k, v in job_env(settings).items()),
                              shlex.join(flink_run(settings))]),
               "",
               f"# state: {settings.state_backend}, checkpoints every {settings.checkpoint_interval_ms} ms under "
-              f"{checkpoint_root(settings, f'{job_name}-{settings.feast_project}')}",
+              f"{root}",
               "# resumes from: " + (str(ckpt) if ckpt else "nothing yet (a fresh start)")
               + " - the job finds the newest retained checkpoint itself"]
     return "\n".join(lines)

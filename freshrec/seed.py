@@ -1,17 +1,16 @@
 """Seed a Redis with the online state a log leaves behind, without running the streaming job.
 
 For the serving benchmark, the API tests and trying the API on its own: a simulated log is
-folded through the job's own state classes (streaming/state.py, via the batch example
-builder) into user and item rows, a model learned on the same log is published as a
-snapshot, and co-visitation and trending are counted directly (consecutive views of a user
-within FRESHREC_COVISIT_GAP_SECONDS, both ways; the most active items of the last 20k
-events). Those two are simpler than the job's windows; the rows have the same layout.
+folded through the job's own state classes (streaming/state.py: users and items via the
+batch example builder, co-visitation via RecentViews/Neighbours) into rows in Feast's
+layout, and a model learned on the same log is published as a snapshot. Trending is simpler
+than the job's: the most active items of the last 20k events.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 
 import redis
 
@@ -22,6 +21,7 @@ from features.definitions import FEATURE_VIEWS, trending_key
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.trainer import learn_log
+from streaming.state import Ev, Neighbours, RecentViews, Spec
 
 
 def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n_items: int = 20_000,
@@ -33,22 +33,17 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     client = redis.Redis.from_url(settings.redis_url)
     ParameterStore(client, settings.feast_project).publish("snapshot", rec.snapshot(), 0, {"examples": n})
     ts = events[-1].ts
-    pairs: dict[str, Counter[str]] = defaultdict(Counter)
-    last: dict[str, tuple[str, int]] = {}
+    spec = Spec.of(settings)
+    views: dict[str, RecentViews] = {}
+    neighbours: dict[str, Neighbours] = {}
     for e in events:
-        if e.behavior != "view":
-            continue
-        prev = last.get(e.user_id)
-        if prev and prev[0] != e.item_id and e.ts - prev[1] <= settings.covisit_gap_seconds * 1000:
-            pairs[prev[0]][e.item_id] += 1
-            pairs[e.item_id][prev[0]] += 1
-        last[e.user_id] = (e.item_id, e.ts)
+        if e.behavior == "view":
+            ev = Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
+            for a, b, at in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
+                neighbours.setdefault(a, Neighbours()).add(b, at, spec)
     rows = [("user_recent", u, ts, batch.user_features(u)) for u in batch.users]
     rows += [("item_recent", i, ts, batch.item_features(i)) for i in batch.items]
-    for item, c in pairs.items():
-        top = c.most_common(settings.covisit_top_k)
-        rows.append(("item_covisit", item, ts, {"neighbours": [i for i, _ in top],
-                                                "neighbour_counts": [k for _, k in top]}))
+    rows += [("item_covisit", i, ts, n.features(spec)) for i, n in neighbours.items()]
     FeastRedisWriter(client, settings.feast_project, FEATURE_VIEWS).write(rows)
     popular = Counter(e.item_id for e in events[-20_000:]).most_common(settings.trending_size)
     client.set(trending_key(settings.feast_project), json.dumps({"ts": ts, "items": popular}))
