@@ -34,7 +34,7 @@ import httpx
 import redis
 
 from connectors.feast_redis import FeastRedisReader
-from connectors.kafka import EventProducer, ensure_topics
+from connectors.kafka import EventProducer
 from connectors.logfile import open_log
 from connectors.replay import replay
 from connectors.schema import BehaviorEvent, validate
@@ -43,7 +43,7 @@ from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
 from freshrec.stack import Stack, start_feature_job, stop_group
-from jobs.topics import topic_plan
+from jobs.topics import prepare_log
 from streaming.state import Ev, RecentViews, Spec
 
 RESULTS = Path(__file__).parent / "results"
@@ -112,7 +112,7 @@ def background(settings: Settings, part: int, producers: int, rate: float, stop:
 
 def throughput(stack: Stack, n: int) -> dict[str, float]:
     s = stack.settings.replace(events_topic="tput-events", dlq_topic="tput-dlq", feast_project="tput")
-    ensure_topics(s.kafka_bootstrap, topic_plan(s))
+    prepare_log(s)
     apply(s)
     source, events = workload(n, int(time.time() * 1000) - 86_400_000)
     pairs = pairs_per_event(events, s)

@@ -122,9 +122,11 @@ def start_broker(log_dir: Path, port: int | None = None) -> Service:
     return _spawn("broker", args, log_dir, port)
 
 
-def start_redis(data_dir: Path, port: int | None = None) -> Service:
+def start_redis(data_dir: Path, port: int | None = None, persistent: bool = False) -> Service:
+    """``persistent``: an append-only file in ``data_dir`` (fsync every second), so a restarted
+    server comes back with its data, as docker-compose's Redis does."""
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
-    args = [str(redis_binary()), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-            "--dir", str(data_dir), "--protected-mode", "no"]
+    args = [str(redis_binary()), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "yes" if persistent else "no", "--dir", str(data_dir), "--protected-mode", "no"]
     return _spawn("redis", args, data_dir, port)

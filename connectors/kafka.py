@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -61,6 +61,10 @@ def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         "batch_size": 256 * 1024,
         "retries": 5,
         "max_in_flight_requests_per_connection": 1,  # keeps per-key order across retries
+        # An idempotent producer dies for good when the embedded broker restarts (its producer id
+        # is unknown there: UnknownProducerIdError). Duplicates from a retry carry the same
+        # event_id, and the job counts each event_id once.
+        "enable_idempotence": False,
     }
     config.update(overrides)
     try:
@@ -81,6 +85,23 @@ def consumer(bootstrap: str, *topics: str, group: str | None = None, **overrides
     }
     config.update(overrides)
     return KafkaConsumer(*topics, **config)
+
+
+def log_ends(c: KafkaConsumer, tps: list[TopicPartition], settle_ms: int = 300) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition. The embedded broker answers a
+    log-end query with the first offset of the last batch + 1, so this reads on from there
+    (a batch at most) to the real end. Reassigns ``c``."""
+    ends = dict(c.end_offsets(tps))
+    c.assign(tps)
+    for tp in tps:
+        if ends[tp]:
+            c.seek(tp, ends[tp] - 1)
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < settle_ms / 1000:
+        for tp, records in c.poll(timeout_ms=100).items():
+            ends[tp] = max(ends[tp], records[-1].offset + 1)
+            quiet_since = time.monotonic()
+    return ends
 
 
 @dataclass
@@ -117,16 +138,19 @@ class EventProducer:
         return event
 
     def send_valid(self, event: BehaviorEvent) -> None:
-        self._track(self._producer.send(self.events_topic, key=event.key, value=event.to_json(),
-                                        timestamp_ms=event.ts))
+        self._send(self.events_topic, key=event.key, value=event.to_json(), timestamp_ms=event.ts)
         self.stats.accepted += 1
 
     def send_dead_letter(self, payload: bytes | str, err: InvalidEvent) -> None:
-        self._track(self._producer.send(self.dlq_topic, value=dead_letter(payload, err, self.source)))
+        self._send(self.dlq_topic, value=dead_letter(payload, err, self.source))
         self.stats.rejected += 1
         self.stats.reasons[err.field] = self.stats.reasons.get(err.field, 0) + 1
 
-    def _track(self, future: Any) -> None:
+    def _send(self, topic: str, **record: Any) -> None:
+        try:
+            future = self._producer.send(topic, **record)
+        except KafkaError as exc:  # no metadata for the topic within max_block_ms: no broker, or no topic
+            raise BrokerError(f"could not send to {topic}: {exc}") from exc
         self._futures.append(future)
         if len(self._futures) >= 10_000:
             self._check(self._futures[:5_000])

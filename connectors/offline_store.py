@@ -27,12 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from feast import FeatureView
 from feast.types import Array, Float64, Int64, String
+from kafka.errors import KafkaError
 
 from connectors.kafka import consumer
+from connectors.log_epoch import EpochWatch
 from features.definitions import FEATURE_VIEWS
 from features.store import repo_dir
 from freshrec.config import Settings
-from jobs.topics import feature_log_topic
+from jobs.topics import epoch_topic, feature_log_topic, offline_group, topic_plan
 
 _ARROW = {Int64: pa.int64(), Float64: pa.float64(), String: pa.string(), Array(String): pa.list_(pa.string()),
           Array(Int64): pa.list_(pa.int64()), Array(Float64): pa.list_(pa.float64())}
@@ -58,7 +60,7 @@ class OfflineWriter:
         self.views = {v.name: (v, arrow_schema(v)) for v in FEATURE_VIEWS}
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.consumer = consumer(settings.kafka_bootstrap, feature_log_topic(settings),
-                                 group=f"freshrec-offline-{settings.feast_project}", enable_auto_commit=False)
+                                 group=offline_group(settings), enable_auto_commit=False)
         # (view, date) -> rows
         self.pending: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         self.first: dict[int, tuple[int, int]] = {}  # partition -> (offset, record time) of its first row
@@ -90,7 +92,10 @@ class OfflineWriter:
             tmp = folder / f".part-{tag}.parquet.tmp"
             pq.write_table(table, tmp)
             tmp.rename(folder / f"part-{tag}.parquet")  # readers never see half a file
-        self.consumer.commit()
+        try:
+            self.consumer.commit()
+        except KafkaError as exc:  # a rebalance or a broker restart: the rows are on disk either way
+            log(f"could not commit offsets ({exc}); rows read again later land in the same file names")
         n, self.count = self.count, 0
         self.written += n
         self.pending.clear()
@@ -109,10 +114,19 @@ class OfflineWriter:
         if stop_after_idle_s is None:
             signal.signal(signal.SIGTERM, stop)
             signal.signal(signal.SIGINT, stop)
+        s = self.settings
+        watch = EpochWatch(s.kafka_bootstrap, topic_plan(s), epoch_topic(s), s.broker_check_ms)
         last_flush = time.monotonic()
         last_row = last_flush + 30 - (stop_after_idle_s or 0)  # the consumer's group join takes seconds
         try:
             while not stopping:
+                new = watch.changed()
+                if new is not None:
+                    log(f"WARNING: the broker lost its log (new log epoch {new}): writing what is pending, then "
+                        f"reading {feature_log_topic(s)} again from its start")
+                    self.flush()
+                    if self.consumer.assignment():  # else the group's next join starts at the earliest
+                        self.consumer.seek_to_beginning()
                 for tp, records in self.consumer.poll(timeout_ms=500, max_records=5000).items():
                     for rec in records:
                         self.add(rec.value, tp.partition, rec.offset, rec.timestamp)
@@ -125,16 +139,21 @@ class OfflineWriter:
                     break
             self.flush()
         finally:
+            watch.close()
             self.consumer.close()
         return self.written
+
+
+def log(message: str) -> None:
+    print(f"[offline-store] {message}", file=sys.stderr, flush=True)
 
 
 def main() -> int:
     settings = Settings.from_env()
     writer = OfflineWriter(settings)
-    print(f"[offline-store] {feature_log_topic(settings)} -> {writer.root}", file=sys.stderr, flush=True)
+    log(f"{feature_log_topic(settings)} -> {writer.root}")
     writer.run()
-    print(f"[offline-store] stopped after writing {writer.written} rows", file=sys.stderr, flush=True)
+    log(f"stopped after writing {writer.written} rows")
     return 0
 
 

@@ -2,7 +2,7 @@
 
   freshrec up [--demo | --log FILE]   start broker, Redis, the feature job and the API
   freshrec replay FILE                stream a behavior log into the running stack
-  freshrec status                     what is running, and how far it got
+  freshrec status [--json]            each part up or down, how far behind, what happened
   freshrec down                       stop a stack started in another terminal
   freshrec doctor                     check Java, jars, binaries and ports
   freshrec init                       create topics, register feature views (for external Kafka/Redis)
@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -55,15 +56,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Create the topics and register the feature views: the one-time step of a deployment."""
-    from connectors.kafka import ensure_topics
     from features.store import apply
-    from jobs.topics import topic_plan
+    from jobs.topics import prepare_log, topic_plan
 
     s = Settings.from_env()
-    plan = topic_plan(s)
-    ensure_topics(s.kafka_bootstrap, plan)
+    epoch = prepare_log(s)
     apply(s)
-    print("topics: " + ", ".join(f"{t} ({n} partitions)" for t, n in plan.items()))
+    print("topics: " + ", ".join(f"{t} ({n} partitions)" for t, n in topic_plan(s).items()))
+    print(f"log epoch {epoch}")
     print(f"feature views registered in Feast project {s.feast_project}")
     return 0
 
@@ -106,6 +106,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from connectors.embedded import ServiceError
+    from connectors.kafka import BrokerError
     from freshrec.stack import Stack, running, wait_port_free
 
     settings = Settings.from_env()
@@ -120,6 +122,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     stack = Stack.start(settings, log=lambda m: print(m, flush=True))
+    gave_up: list[ServiceError] = []
+    done = threading.Event()
+
+    def supervise() -> None:  # in the background, so that it also runs while a log is fed
+        while not done.wait(1):
+            try:
+                stack.supervise(log=lambda m: print(f"restarted {m}", flush=True))
+            except (ServiceError, BrokerError) as exc:
+                gave_up.append(exc)
+                os.kill(os.getpid(), signal.SIGTERM)  # the main thread stops the stack
+                return
+
+    supervisor = threading.Thread(target=supervise, name="supervisor", daemon=True)
+    supervisor.start()
     try:
         s = stack.settings
         print(f"\nfreshrec is up\n  API       {stack.api_url}/docs\n  broker    {s.kafka_bootstrap}\n"
@@ -129,32 +145,36 @@ def cmd_up(args: argparse.Namespace) -> int:
             _feed(s, args)
         print("running; Ctrl-C stops everything", flush=True)
         while True:
-            dead = stack.dead()
-            if dead:
-                raise UserError(f"{', '.join(dead)} stopped unexpectedly; see {stack.log_dir}/")
             time.sleep(1)
     except KeyboardInterrupt:
         print("\nstopping ...", flush=True)
     finally:
+        done.set()
+        supervisor.join(60)
         stack.stop()
+    if gave_up:
+        raise UserError(f"stopped the stack: {gave_up[0]}")
     print("stopped")
     return 0
 
 
 def _feed(s: Settings, args: argparse.Namespace) -> None:
     """Replay a log, or simulated behavior, into the stack."""
-    from connectors.kafka import EventProducer
+    from connectors.kafka import BrokerError, EventProducer
     from connectors.replay import replay
     from connectors.simulator import simulate
 
-    if args.log:
-        _replay_log(s, Path(args.log), "auto", speed=args.speed)
-        return
-    with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
-        print(f"replaying {args.events} simulated events at {args.rate}/s", flush=True)
-        stats = replay(simulate(args.events, start_ms=int(time.time() * 1000), events_per_second=args.rate),
-                       producer, rate=args.rate, total=args.events)
-    print(f"replayed: {stats.accepted} accepted, {stats.rejected} to the DLQ", flush=True)
+    try:
+        if args.log:
+            _replay_log(s, Path(args.log), "auto", speed=args.speed)
+            return
+        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
+            print(f"replaying {args.events} simulated events at {args.rate}/s", flush=True)
+            stats = replay(simulate(args.events, start_ms=int(time.time() * 1000), events_per_second=args.rate),
+                           producer, rate=args.rate, total=args.events)
+        print(f"replayed: {stats.accepted} accepted, {stats.rejected} to the DLQ", flush=True)
+    except BrokerError as exc:  # the stack itself keeps running (and restarts the broker)
+        print(f"the replay stopped: {exc}", flush=True)
 
 
 def _replay_log(s: Settings, path: Path, fmt: str, speed: float | None = None, rate: float | None = None,
@@ -184,30 +204,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import httpx
-    import redis
-
-    from freshrec.stack import alive, running
+    from freshrec.stack import recent_events, running
+    from freshrec.status import as_json, collect, render
 
     s = cli_settings()
     doc = running(s.state_dir)
     if doc is None:
         print("no stack running here (start one with `freshrec up`)")
         return 1
-    for name, pid in doc["pids"].items():
-        state = "up" if alive(pid, group=True) else "DOWN"
-        print(f"{name:14} {state:5} pid {pid}")
-    try:
-        client = redis.Redis.from_url(s.redis_url, socket_timeout=1)
-        print(f"{'redis keys':14} {client.dbsize()}")
-    except redis.RedisError as exc:
-        print(f"{'redis':14} unreachable: {exc}")
-    try:
-        httpx.get(doc["api"] + "/healthz", timeout=1).raise_for_status()
-        print(f"{'api':14} healthy at {doc['api']}")
-    except httpx.HTTPError as exc:
-        print(f"{'api':14} not answering: {exc}")
-    return 0
+    parts, events = collect(s, doc), recent_events(s.state_dir)
+    print(as_json(parts, events) if args.json else render(parts, events))
+    return 0 if all(p.state != "DOWN" for p in parts) else 1
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -299,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from freshrec.deploy import describe, submit
-    from jobs.feature_job import JOB_NAME
+    from jobs.topics import JOB_NAME
 
     s = Settings.from_env()
     print(describe(s, JOB_NAME), flush=True)
@@ -344,7 +351,9 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--limit", type=int, help="only the first N events")
     rp.add_argument("--quiet", action="store_true", help="no progress bar")
     rp.set_defaults(func=cmd_replay)
-    sub.add_parser("status", help="what is running").set_defaults(func=cmd_status)
+    st = sub.add_parser("status", help="each part: up/down, how far behind, last checkpoint, model version, DLQ")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    st.set_defaults(func=cmd_status)
     sub.add_parser("down", help="stop a stack started by `freshrec up`").set_defaults(func=cmd_down)
     sub.add_parser("config", help="list every FRESHREC_* setting").set_defaults(func=cmd_config)
     dp = sub.add_parser("deploy", help="the topic plan and the `flink run` that submits the job to a cluster")

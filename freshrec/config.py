@@ -52,6 +52,8 @@ class Settings:
     allowed_lateness_ms: int = field(default=600_000, metadata=_doc("events later than this go to the DLQ"))
     idle_timeout_ms: int = field(default=30_000, metadata=_doc("a silent partition stops holding watermarks"))
     checkpoint_interval_ms: int = field(default=5000, metadata=_doc("Flink checkpoint interval"))
+    broker_check_ms: int = field(default=2000, metadata=_doc("components check this often whether the broker "
+                                                             "lost its log (embedded broker restarts)"))
     state_backend: str = field(default="hashmap", metadata=_doc("Flink state backend: hashmap or rocksdb"))
     parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
     flink_mode: str = field(default="local", metadata=_doc("local: a PyFlink mini-cluster in the job's process; "
@@ -110,7 +112,7 @@ class Settings:
     def check(self) -> None:
         positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
                     "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
-                    "covisit_top_k", "trending_size", "checkpoint_interval_ms", "parallelism",
+                    "covisit_top_k", "trending_size", "checkpoint_interval_ms", "broker_check_ms", "parallelism",
                     "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count", "param_ttl_seconds",
                     "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds", "model_poll_ms",
                     "api_workers", "redis_timeout_ms")

@@ -3,6 +3,11 @@
 ``up`` writes ``<state_dir>/stack.json`` (ports, pids) so that ``replay``, ``status`` and
 ``down`` in another terminal find the running stack. Children run in their own process
 groups and are stopped group-wide, so no JVM, broker or Redis outlives the stack.
+
+``up`` also supervises: a part that dies is started again (the broker and Redis on their
+ports; the feature job from its last checkpoint), at most ``RESTARTS`` times in
+``RESTART_WINDOW_S``, and each restart is written to ``<state_dir>/events.jsonl``, which
+``freshrec status`` shows.
 """
 
 from __future__ import annotations
@@ -21,20 +26,43 @@ from typing import Any
 import httpx
 
 from connectors.embedded import Service, ServiceError, start_broker, start_redis, wait_for_port
-from connectors.kafka import ensure_topics
 from freshrec.config import Settings
-from jobs.topics import topic_plan
+from jobs.topics import prepare_log
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESTARTS, RESTART_WINDOW_S = 5, 600
+# The stack's processes, in start order, and their modules (the API runs under uvicorn).
+PROCESSES = {"feature_job": "jobs.feature_job", "offline_store": "connectors.offline_store",
+             "trainer": "online_learning.trainer", "api": "serving.app"}
 
 
 def stack_file(settings: Settings) -> Path:
     return settings.state_dir / "stack.json"
 
 
+def events_file(state_dir: Path) -> Path:
+    return state_dir / "events.jsonl"
+
+
+def record(state_dir: Path, component: str, what: str) -> dict[str, Any]:
+    """Append one line to the stack's event log (what happened to which part, and when)."""
+    event = {"ts": time.time(), "component": component, "what": what}
+    with events_file(state_dir).open("a") as f:
+        f.write(json.dumps(event) + "\n")
+    return event
+
+
+def recent_events(state_dir: Path, n: int = 10) -> list[dict[str, Any]]:
+    path = events_file(state_dir)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()[-n:] if line.strip()]
+
+
 def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    # FLINK_LOG_DIR: Flink's own log beside ours, not inside the installed pyflink package.
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "FLINK_LOG_DIR": str(log_dir.resolve())}
     with (log_dir / f"{name}.log").open("ab") as log:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=PROJECT_ROOT, start_new_session=True)
@@ -116,6 +144,7 @@ class Stack:
     settings: Settings
     services: list[Service] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    restarts: dict[str, list[float]] = field(default_factory=dict)  # part -> when it was restarted
 
     @property
     def log_dir(self) -> Path:
@@ -132,24 +161,23 @@ class Stack:
         stack = cls(settings)
         try:
             log("starting broker and Redis ...")
+            # A new stack starts empty: no Redis data, checkpoints or events of an earlier one.
+            for old in ("redis", "checkpoints"):
+                shutil.rmtree(settings.state_dir / old, ignore_errors=True)
+            events_file(settings.state_dir).unlink(missing_ok=True)
             broker = start_broker(stack.log_dir)
             stack.services.append(broker)
-            redis = start_redis(settings.state_dir / "redis")
+            redis = start_redis(settings.state_dir / "redis", persistent=True)
             stack.services.append(redis)
             stack.settings = settings = settings.replace(kafka_bootstrap=f"127.0.0.1:{broker.port}",
                                                          redis_url=f"redis://127.0.0.1:{redis.port}/0")
-            # The embedded broker starts empty, so old checkpoints point at offsets that no longer exist.
-            shutil.rmtree(settings.state_dir / "checkpoints", ignore_errors=True)
-            ensure_topics(settings.kafka_bootstrap, topic_plan(settings))
+            epoch = prepare_log(settings)
+            record(settings.state_dir, "broker", f"started on port {broker.port}, log epoch {epoch}")
             log("registering feature views with Feast ...")
             apply(settings)
             log("starting the PyFlink feature job, the offline-store writer, the trainer and the API ...")
-            stack.procs["feature_job"] = start_feature_job(settings, stack.log_dir)
-            stack.procs["offline_store"] = spawn("offline_store", [sys.executable, "-m", "connectors.offline_store"],
-                                                 settings, stack.log_dir)
-            stack.procs["trainer"] = spawn("trainer", [sys.executable, "-m", "online_learning.trainer"], settings,
-                                           stack.log_dir)
-            stack.procs["api"] = start_api(settings, stack.log_dir)
+            for name in PROCESSES:
+                stack.procs[name] = stack.start_process(name)
             wait_healthy(stack.api_url, stack.procs["api"])
             stack.save()
         except BaseException:
@@ -164,9 +192,50 @@ class Stack:
                "services": [s.name for s in self.services], "owner": os.getpid(), "started": time.time()}
         stack_file(self.settings).write_text(json.dumps(doc, indent=2))
 
-    def dead(self) -> list[str]:
-        gone = [name for name, p in self.procs.items() if p.poll() is not None]
-        return gone + [s.name for s in self.services if not s.alive()]
+    def start_process(self, name: str) -> subprocess.Popen[bytes]:
+        if name == "api":
+            return start_api(self.settings, self.log_dir)
+        return spawn(name, [sys.executable, "-m", PROCESSES[name]], self.settings, self.log_dir)
+
+    def supervise(self, log: Any = print) -> list[dict[str, Any]]:
+        """Start again what died; returns the events recorded. Raises :class:`ServiceError` for
+        a part that keeps dying (more than RESTARTS times in RESTART_WINDOW_S)."""
+        events = []
+        for i, service in enumerate(self.services):
+            if service.alive():
+                continue
+            code = self._allow_restart(service.name, service.proc.returncode)
+            if service.name == "broker":
+                self.services[i] = start_broker(self.log_dir, service.port)
+                epoch = prepare_log(self.settings)
+                what = (f"exited ({code}); restarted on port {service.port}. It keeps its log in memory, so the log "
+                        f"is gone: topics created again, new log epoch {epoch}; the job, the trainer and the "
+                        "offline-store writer read the new log from its start")
+            else:
+                self.services[i] = start_redis(self.settings.state_dir / "redis", service.port, persistent=True)
+                what = f"exited ({code}); restarted on port {service.port} from its append-only file"
+            events.append(record(self.settings.state_dir, service.name, what))
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None:
+                continue
+            code = self._allow_restart(name, proc.returncode)
+            self.procs[name] = self.start_process(name)
+            events.append(record(self.settings.state_dir, name, f"exited ({code}); restarted"
+                                 + (" from its last checkpoint" if name == "feature_job" else "")))
+        for event in events:
+            log(f"{event['component']}: {event['what']}")
+        if events:
+            self.save()
+        return events
+
+    def _allow_restart(self, name: str, code: int | None) -> int | None:
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_S] + [now]
+        if len(recent) > RESTARTS:
+            raise ServiceError(f"{name} exited ({code}) for the {len(recent)}th time in {RESTART_WINDOW_S // 60} "
+                               f"minutes; not restarting it again. See {self.log_dir}/{name}.log")
+        self.restarts[name] = recent
+        return code
 
     def stop(self) -> None:
         stop_groups([proc.pid for proc in self.procs.values()])

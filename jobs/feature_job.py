@@ -21,7 +21,9 @@ Run: ``python -m jobs.feature_job`` with FRESHREC_* variables set (``freshrec up
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import sys
 import time
 import zlib
@@ -43,16 +45,25 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from connectors.log_epoch import Epoch, EpochWatch
 from connectors.schema import InvalidEvent, dead_letter, validate
 from features.definitions import trending_key
 from freshrec.config import Settings
-from jobs.topics import examples_topic, feature_log_topic
+from jobs.topics import (
+    JOB_NAME,
+    epoch_topic,
+    examples_topic,
+    feature_job_id,
+    feature_log_topic,
+    prepare_log,
+    topic_plan,
+)
 from online_learning.examples import ExampleBuilder
 from streaming.flink import environment
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
-
-JOB_NAME = "freshrec-features"
 
 
 def _event_type() -> Any:
@@ -283,6 +294,8 @@ class FeastSink(KeyedProcessFunction):
     one in Redis. The feature log (the offline store's input) gets every row, unmerged, so
     point-in-time reads see each value an entity had."""
 
+    REDIS_PATIENCE_S = 60
+
     def __init__(self, s: Settings) -> None:
         self.settings = s
 
@@ -321,7 +334,10 @@ class FeastSink(KeyedProcessFunction):
         return []
 
     def _write(self, rows: list[tuple[str, str, int, Any]]) -> None:
-        for attempt in range(8):
+        """Write, retrying with backoff while Redis is away (rows wait; upstream backs up). After
+        REDIS_PATIENCE_S the task fails, and Flink restarts it from the last checkpoint."""
+        down_since = None
+        for attempt in itertools.count():
             try:
                 features = []
                 for row in rows:
@@ -330,12 +346,18 @@ class FeastSink(KeyedProcessFunction):
                     else:
                         features.append(row)
                 self.writer.write(features)
+                if down_since is not None:
+                    log(f"Redis is back after {time.monotonic() - down_since:.1f}s; writing on")
                 return
-            except (OSError, ConnectionError) as exc:
-                # Redis restarting: back off, then fail the task so Flink restarts from a checkpoint.
-                if attempt == 7:
-                    raise RuntimeError(f"Redis unreachable at {self.settings.redis_url}: {exc}") from exc
-                time.sleep(min(0.1 * 2**attempt, 5))
+            except (OSError, RedisConnectionError, RedisTimeoutError) as exc:  # also "loading" after a restart
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log(f"Redis unreachable at {self.settings.redis_url} ({exc}); {len(rows)} rows wait, "
+                        "retrying with backoff")
+                elif time.monotonic() - down_since > self.REDIS_PATIENCE_S:
+                    raise RuntimeError(f"Redis unreachable at {self.settings.redis_url} for "
+                                       f"{self.REDIS_PATIENCE_S}s: {exc}") from exc
+                time.sleep(min(0.05 * 2**attempt, 2))
 
 
 def _kafka_sink(s: Settings, topic: str) -> KafkaSink:
@@ -349,50 +371,102 @@ def _kafka_sink(s: Settings, topic: str) -> KafkaSink:
             .build())
 
 
-def build(env: Any, s: Settings) -> None:
-    """source -> transformations -> sinks, as drawn in the module docstring."""
+def build(env: Any, s: Settings, epoch: Epoch) -> None:
+    """source -> transformations -> sinks, as drawn in the module docstring.
+
+    Every stateful operator has a fixed uid, so a checkpoint restores into it whatever else
+    changes. The source's uid names the log epoch: its offsets belong to that log alone."""
     source = (KafkaSource.builder()
               .set_bootstrap_servers(s.kafka_bootstrap)
               .set_topics(s.events_topic)
-              .set_group_id(f"{JOB_NAME}-{s.feast_project}")
+              .set_group_id(feature_job_id(s))
               .set_starting_offsets(KafkaOffsetsInitializer.earliest())
               .set_value_only_deserializer(SimpleStringSchema())
               .set_property("session.timeout.ms", "6000")
               .build())
     watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
                   .with_idleness(Duration.of_millis(s.idle_timeout_ms)))
-    raw = env.from_source(source, watermarks, s.events_topic)
+    raw = env.from_source(source, watermarks, s.events_topic).uid(f"source-{epoch.id}")
 
-    events = raw.process(ParseEvents(s.allowed_lateness_ms), output_type=EVENT).name("parse")
-    events.get_side_output(DLQ).sink_to(_kafka_sink(s, s.dlq_topic)).name("dlq")
+    events = raw.process(ParseEvents(s.allowed_lateness_ms), output_type=EVENT).name("parse").uid("parse")
+    events.get_side_output(DLQ).sink_to(_kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
 
     users = (events.key_by(lambda e: e[1], key_type=Types.STRING())
-             .process(UserFeatures(s), output_type=ROW).name("user_recent"))
+             .process(UserFeatures(s), output_type=ROW).name("user_recent").uid("user_recent"))
     new_events = users.get_side_output(NEW_EVENTS)
     items = (new_events.key_by(lambda e: e[2], key_type=Types.STRING())
-             .process(ItemFeatures(s), output_type=ROW).name("item_recent"))
+             .process(ItemFeatures(s), output_type=ROW).name("item_recent").uid("item_recent"))
     examples = (items.get_side_output(EXAMPLE_INPUTS).key_by(lambda e: "all", key_type=Types.STRING())
-                .process(TrainingExamples(s), output_type=Types.STRING()).name("training_examples"))
-    examples.sink_to(_kafka_sink(s, examples_topic(s))).name("examples")
+                .process(TrainingExamples(s), output_type=Types.STRING()).name("training_examples")
+                .uid("training_examples"))
+    examples.sink_to(_kafka_sink(s, examples_topic(s))).name("examples").uid("examples")
     covisit = (users.get_side_output(PAIRS).key_by(lambda p: p[0], key_type=Types.STRING())
-               .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit"))
+               .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit").uid("item_covisit"))
     trending = (items.key_by(lambda r: "all", key_type=Types.STRING())
-                .process(TrendingItems(s), output_type=ROW).name("trending"))
+                .process(TrendingItems(s), output_type=ROW).name("trending").uid("trending"))
 
     parallelism = s.parallelism
     written = (users.union(items, covisit, trending)
                .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
-               .process(FeastSink(s), output_type=Types.STRING()).name("feast"))
-    written.sink_to(_kafka_sink(s, feature_log_topic(s))).name("feature_log")
+               .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
+    written.sink_to(_kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+
+
+def log(message: str) -> None:
+    # stdout, also from operators: the JVM that runs them in thread mode drops its stderr.
+    print(f"[{JOB_NAME}] {message}", flush=True)
+
+
+def follow(client: Any, watch: EpochWatch) -> bool:
+    """Wait on a running job; True when it was cancelled because the log was replaced. A job
+    that fails for good raises here (Flink has already retried with its restart strategy)."""
+    while True:
+        try:
+            status = client.get_job_status().result().name
+        except Exception:  # noqa: BLE001 - the local mini-cluster shuts down with its only job
+            status = "GONE"
+        if status in ("FINISHED", "FAILED", "CANCELED", "GONE"):
+            client.get_job_execution_result().result()  # raises the job's failure
+            return False
+        down = watch.unreachable_since
+        new = watch.changed()
+        if watch.unreachable_since and not down:
+            log(f"the broker at {watch.bootstrap} does not answer; the job keeps its state and waits for it")
+        elif down and not watch.unreachable_since and not new:
+            log(f"the broker is back after {time.monotonic() - down:.0f}s with the same log (epoch {watch.current})")
+        if new is not None:
+            log(f"WARNING: the event log was replaced (the broker lost its data; new log epoch {new}). "
+                "Cancelling the job, then resuming every feature's state from its last checkpoint and reading "
+                "the new log from its start")
+            client.cancel().result()
+            try:
+                client.get_job_execution_result().result()  # returns once it is gone; raises as it was cancelled
+            except Exception:  # noqa: BLE001 - py4j wraps the cancellation
+                pass
+            return True
+        time.sleep(0.5)
 
 
 def main() -> int:
     settings = Settings.from_env()
-    env = environment(settings, f"{JOB_NAME}-{settings.feast_project}")
-    build(env, settings)
-    print(f"[{JOB_NAME}] reading {settings.events_topic} at {settings.kafka_bootstrap}, "
-          f"writing Feast project {settings.feast_project} at {settings.redis_url}", file=sys.stderr, flush=True)
-    env.execute(JOB_NAME)
+    epoch = prepare_log(settings)
+    env = environment(settings, feature_job_id(settings))
+    build(env, settings, epoch)
+    log(f"reading {settings.events_topic} at {settings.kafka_bootstrap} (log epoch {epoch}), "
+        f"writing Feast project {settings.feast_project} at {settings.redis_url}")
+    if settings.flink_mode == "cluster":  # submitted detached; a durable Kafka keeps its log
+        env.execute(JOB_NAME)
+        return 0
+    watch = EpochWatch(settings.kafka_bootstrap, topic_plan(settings), epoch_topic(settings),
+                       settings.broker_check_ms, current=epoch)
+    try:
+        replaced = follow(env.execute_async(JOB_NAME), watch)
+    finally:
+        watch.close()
+    if replaced:
+        # Start over in a fresh process: this one's PyFlink objects hold Java handles that cannot be
+        # pickled into a second job. The gateway JVM exits with us (its stdin closes on exec).
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
 
 

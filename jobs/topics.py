@@ -1,8 +1,22 @@
-"""The Kafka topics the jobs read and write, with their partition counts."""
+"""The Kafka topics the jobs read and write, with their partition counts, and the consumer
+groups that read them."""
 
 from __future__ import annotations
 
+from connectors.log_epoch import Epoch, ensure_log
 from freshrec.config import Settings
+
+JOB_NAME = "freshrec-features"
+
+
+def feature_job_id(settings: Settings) -> str:
+    """The feature job of a project: its Kafka consumer group and its checkpoint folder."""
+    return f"{JOB_NAME}-{settings.feast_project}"
+
+
+def offline_group(settings: Settings) -> str:
+    """The offline-store writer's consumer group."""
+    return f"freshrec-offline-{settings.feast_project}"
 
 
 def feature_log_topic(settings: Settings) -> str:
@@ -15,7 +29,17 @@ def examples_topic(settings: Settings) -> str:
     return f"{settings.events_topic}-examples"
 
 
+def epoch_topic(settings: Settings) -> str:
+    """One record naming the log's epoch (connectors/log_epoch.py)."""
+    return f"{settings.events_topic}-epoch"
+
+
 def topic_plan(settings: Settings) -> dict[str, int]:
     # Partitions cannot be added later on the embedded broker: create with the final count.
     return {settings.events_topic: settings.partitions, settings.dlq_topic: 1, feature_log_topic(settings): 1,
-            examples_topic(settings): 1}
+            examples_topic(settings): 1, epoch_topic(settings): 1}
+
+
+def prepare_log(settings: Settings) -> Epoch:
+    """Create the topics that are missing (and a new log's epoch marker); the log's epoch."""
+    return ensure_log(settings.kafka_bootstrap, topic_plan(settings), epoch_topic(settings))

@@ -31,8 +31,9 @@ import torch
 from kafka import TopicPartition
 
 from connectors.kafka import consumer
+from connectors.log_epoch import EpochWatch
 from freshrec.config import Settings
-from jobs.topics import examples_topic
+from jobs.topics import epoch_topic, examples_topic, topic_plan
 from online_learning.examples import Example
 from online_learning.gate import QualityGate
 from online_learning.params import decode
@@ -65,6 +66,7 @@ class Trainer:
         self.gate = QualityGate(max_abs=settings.gate_max_abs, margin=settings.gate_margin)
         self.topic = examples_topic(settings)
         self.offsets: dict[int, int] = {}
+        self.epoch: str | None = None  # the log epoch the offsets belong to (connectors/log_epoch.py)
         self.version = 0
         chain = self.store.catch_up(0)
         rec = rebuild(chain)
@@ -75,6 +77,7 @@ class Trainer:
             self.rec = rec
             self.version = chain[-1].version
             self.offsets = {int(p): o for p, o in chain[-1].meta.get("offsets", {}).items()}
+            self.epoch = chain[-1].meta.get("epoch")
             self.rec.ranker.pin()
             self.log(f"resumed at version {self.version} (snapshot {chain[0].version} + {len(chain) - 1} deltas), "
                      f"offsets {self.offsets}")
@@ -142,7 +145,8 @@ class Trainer:
             self.log(f"refused to publish {'a snapshot' if snapshot else 'a delta'}: {reason}")
             return None
         auc = self.gate.auc()
-        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "auc": auc, "examples": self.learned}
+        meta = {"offsets": {str(p): o for p, o in self.offsets.items()}, "epoch": self.epoch, "auc": auc,
+                "examples": self.learned}
         self.version = self.store.publish("snapshot" if snapshot else "delta", blobs,
                                           base if snapshot else self.version, meta)
         self.rec.ranker.pin()  # what serves from now on: the gate's reference
@@ -156,16 +160,15 @@ class Trainer:
         if stop_after_idle_s is None:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stopping.set())
-        c = consumer(self.settings.kafka_bootstrap, group=None, enable_auto_commit=False)
-        parts = sorted(c.partitions_for_topic(self.topic) or {0})
-        tps = [TopicPartition(self.topic, p) for p in parts]
-        c.assign(tps)
-        for tp in tps:
-            if tp.partition in self.offsets:
-                c.seek(tp, self.offsets[tp.partition])
-            else:
-                c.seek_to_beginning(tp)
         s = self.settings
+        watch = EpochWatch(s.kafka_bootstrap, topic_plan(s), epoch_topic(s), s.broker_check_ms)
+        if self.offsets and self.epoch not in (None, watch.current.id):
+            self.log(f"the published offsets belong to log epoch {self.epoch}; the broker's log is epoch "
+                     f"{watch.current} (it lost its data): reading {self.topic} from its start")
+            self.offsets = {}
+        self.epoch = watch.current.id
+        c = consumer(s.kafka_bootstrap, group=None, enable_auto_commit=False)
+        self._assign(c)
         last_pub = last_snap = last_example = time.monotonic()
         self.log(f"reading {self.topic} at {s.kafka_bootstrap}, publishing to {s.redis_url} "
                  f"every {s.publish_interval_ms} ms")
@@ -179,6 +182,12 @@ class Trainer:
                 if examples:
                     self.learn(examples)
                     last_example = time.monotonic()
+                new = watch.changed()
+                if new is not None:
+                    self.log(f"WARNING: the broker lost its log (new log epoch {new}); what was learned is kept, "
+                             f"and {self.topic} is read again from its start")
+                    self.epoch, self.offsets = new.id, {}
+                    self._assign(c)
                 now = time.monotonic()
                 if (now - last_pub) * 1000 >= s.publish_interval_ms:
                     self.last_kind = ""
@@ -190,9 +199,21 @@ class Trainer:
                     break
             self._publish_safely(snapshot=True)
         finally:
+            watch.close()
             c.close()
             self.stopped.set()
         return self.learned
+
+    def _assign(self, c: Any) -> None:
+        """Read every partition of the examples topic from our offsets, or from its start."""
+        parts = sorted(c.partitions_for_topic(self.topic) or {0})
+        tps = [TopicPartition(self.topic, p) for p in parts]
+        c.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                c.seek(tp, self.offsets[tp.partition])
+            else:
+                c.seek_to_beginning(tp)
 
     def _publish_safely(self, snapshot: bool) -> None:
         for attempt in range(6):

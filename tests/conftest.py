@@ -18,12 +18,11 @@ import redis
 
 from connectors.embedded import Service, start_broker, start_redis
 from connectors.feast_redis import FeastRedisReader
-from connectors.kafka import ensure_topics
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
 from freshrec.stack import start_feature_job
-from jobs.topics import topic_plan
+from jobs.topics import prepare_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +73,7 @@ def make_settings(broker: Service, redis_server: Service, workdir: Path) -> Call
             idle_timeout_ms=3000,  # short for tests; too short makes catch-up reads look late
             out_of_orderness_ms=500,
         )
-        ensure_topics(s.kafka_bootstrap, topic_plan(s))
+        prepare_log(s)
         apply(s)
         return s
 

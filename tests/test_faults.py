@@ -1,0 +1,192 @@
+"""Fault tolerance of the embedded stack: the broker and Redis die mid-run, the stack restarts
+them, every component carries on by itself, and ``freshrec status`` says what happened.
+
+One whole stack of its own (``Stack.start``: broker, Redis, the feature job, the offline-store
+writer, the trainer, the API as processes), driven through the same ``supervise`` the
+``freshrec up`` loop calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from connectors.embedded import free_port, start_broker
+from connectors.feast_redis import FeastRedisReader
+from connectors.kafka import EventProducer
+from connectors.log_epoch import EpochWatch, ensure_log, read_epoch
+from connectors.schema import BehaviorEvent
+from features.definitions import FEATURE_VIEWS
+from features.store import repo_dir
+from freshrec.config import Settings
+from freshrec.stack import Stack, recent_events
+from freshrec.status import collect, render
+from online_learning.publish import ParameterStore
+from streaming.state import Spec
+from tests.conftest import wait_until
+from tests.expected import user_features
+from tests.test_pipeline import generated
+
+
+def test_log_epoch_changes_only_when_the_broker_loses_its_log(tmp_path: Path) -> None:
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    broker = start_broker(tmp_path / "b1", port)
+    watch = None
+    try:
+        first = ensure_log(bootstrap, {"ep-events": 2}, "ep-events-epoch")
+        assert ensure_log(bootstrap, {"ep-events": 2}, "ep-events-epoch") == first  # idempotent
+        watch = EpochWatch(bootstrap, {"ep-events": 2}, "ep-events-epoch", every_ms=100)
+        time.sleep(0.5)
+        assert watch.changed() is None
+        broker.kill()
+        wait_until(lambda: watch.unreachable_since is not None, 20, "the watch to notice the broker is gone")
+        assert watch.changed() is None  # down is not a new log
+        broker = start_broker(tmp_path / "b2", port)  # memory only: comes back empty
+        new = wait_until(watch.changed, 30, "the watch to see a new epoch")
+        assert new != first and watch.current == new
+        assert read_epoch(bootstrap, "ep-events-epoch") == new  # the watch made the log again
+    finally:
+        if watch is not None:
+            watch.close()
+        broker.stop()
+
+
+def _expected(events: list[BehaviorEvent], spec: Spec) -> dict[str, dict]:
+    return {u: user_features(events, u, spec) for u in sorted({e.user_id for e in events})}
+
+
+def _features(reader: FeastRedisReader, want: dict[str, dict]) -> dict[str, dict | None]:
+    rows = reader.read([("user_recent", u) for u in want])
+    return {u: ({k: r[k] for k in want[u]} if r else None) for u, r in zip(want, rows, strict=True)}
+
+
+def _log_says(stack: Stack, name: str, text: str) -> bool:
+    return text in (stack.log_dir / f"{name}.log").read_text(errors="replace")
+
+
+def _offline_users(settings: Settings) -> set[str]:
+    files = (repo_dir(settings) / "offline" / "user_recent").glob("date=*/part-*.parquet")
+    return {u for f in files for u in pq.read_table(f, columns=["user_id"]).column("user_id").to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = Settings(state_dir=tmp_path_factory.mktemp("faults") / "stack", feast_project="faults",
+                        api_port=free_port(), checkpoint_interval_ms=1000, window_seconds=120, window_pane_seconds=10,
+                        idle_timeout_ms=3000, out_of_orderness_ms=500, broker_check_ms=500)
+    s = Stack.start(settings, log=lambda m: None)
+    yield s
+    started = time.monotonic()
+    s.stop()
+    assert time.monotonic() - started < 40, "stopping the stack hung"
+    assert not any(p.poll() is None for p in s.procs.values())
+
+
+def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> None:
+    s = stack.settings
+    spec = Spec.of(s)
+    client = redis.Redis.from_url(s.redis_url)
+    reader = FeastRedisReader(client, s.feast_project, FEATURE_VIEWS)
+    params = ParameterStore(client, s.feast_project)
+    job_pid = stack.procs["feature_job"].pid
+
+    def produce(events: list[BehaviorEvent]) -> None:
+        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
+            for e in events:
+                p.send_valid(e)
+
+    # 1. Before anything fails: features, a published model, offline rows.
+    before = generated("fa-", 300, seed=21, n_users=15)
+    produce(before)
+    want_before = _expected(before, spec)
+    wait_until(lambda: _features(reader, want_before) == want_before, 120, "the first events' features")
+    wait_until(lambda: (params.get(params.head() or 0) or None) is not None, 60, "a published model")
+    first_epoch = read_epoch(s.kafka_bootstrap, f"{s.events_topic}-epoch")
+    assert first_epoch is not None
+
+    # 2. The broker dies (SIGKILL) and comes back empty.
+    stack.services[0].kill()
+    restarted = stack.supervise(log=lambda m: None)
+    assert [e["component"] for e in restarted] == ["broker"]
+    new_epoch = read_epoch(s.kafka_bootstrap, f"{s.events_topic}-epoch")
+    assert new_epoch is not None and new_epoch != first_epoch
+
+    after = generated("fb-", 300, seed=22, n_users=15)
+    produce(after)
+    want_after = _expected(after, spec)
+    wait_until(lambda: _features(reader, want_after) == want_after, 180,
+               "the job to read the new log from its start")
+    assert stack.procs["feature_job"].pid == job_pid, "the job recovered by itself, not by being restarted"
+    assert _log_says(stack, "feature_job", "the event log was replaced")
+    assert _features(reader, want_before) == want_before  # what was counted before stays
+
+    # The API's producer reconnects (its first try after the restart may be refused with a 503).
+    api_event = {"event_id": "fb-api-1", "user_id": "fb-api-u", "item_id": "fb-api-i", "behavior": "view",
+                 "ts": int(time.time() * 1000)}
+    wait_until(lambda: httpx.post(f"{stack.api_url}/events", json=[api_event], timeout=30).status_code == 200,
+               60, "POST /events to be accepted again")
+    wait_until(lambda: (reader.read([("user_recent", "fb-api-u")])[0] or {}).get("views") == 1, 60,
+               "the API's event to be counted")
+
+    # The trainer reads the new examples topic from its start and publishes under the new epoch.
+    wait_until(lambda: _log_says(stack, "trainer", "the broker lost its log"), 30, "the trainer to notice")
+    wait_until(lambda: (params.get(params.head()) or None) is not None
+               and params.get(params.head()).meta.get("epoch") == new_epoch.id, 60,
+               "a version published with the new log's offsets")
+    # The offline store writes the new log's rows too.
+    wait_until(lambda: set(want_after) <= _offline_users(s), 60, "the new log's rows in the offline store")
+    assert set(want_before) <= _offline_users(s)
+
+    # 3. Redis stops while events flow, and comes back from its append-only file.
+    stack.services[1].stop()
+    later = generated("fc-", 200, seed=23, n_users=10)
+    produce(later)
+    time.sleep(2)  # the job's sink meets the closed port, and retries
+    restarted = stack.supervise(log=lambda m: None)
+    assert [e["component"] for e in restarted] == ["redis"]
+    want_later = _expected(later, spec)
+    wait_until(lambda: _features(reader, want_later) == want_later, 120, "the job to catch up after Redis")
+    assert _features(reader, want_before) == want_before and _features(reader, want_after) == want_after
+    assert _log_says(stack, "feature_job", "Redis unreachable")
+    assert all(p.poll() is None for p in stack.procs.values()), "no component died of it"
+
+    # 4. `freshrec status` tells the story.
+    doc = json.loads((s.state_dir / "stack.json").read_text())
+    parts = {p.component: p for p in collect(s, doc)}
+    assert all(parts[n].state == "up" for n in ("broker", "redis", "feature_job", "offline_store", "trainer", "api"))
+    assert parts["broker"].figures["epoch"] == new_epoch.id
+    assert parts["feature_job"].figures["checkpoint"].startswith("chk-")
+    assert parts["feature_job"].figures["behind"] >= 0
+    assert parts["trainer"].figures["published_version"] >= 1
+    assert parts["api"].figures["served_version"] >= 1
+    assert parts["dead letters"].figures["count"] == 0
+    what = [(e["component"], e["what"]) for e in recent_events(s.state_dir)]
+    assert [c for c, _ in what] == ["broker", "broker", "redis"]
+    assert "log is gone" in what[1][1] and "append-only" in what[2][1]
+    text = render(list(parts.values()), recent_events(s.state_dir))
+    assert "log epoch" in text and "restarted on port" in text
+
+
+def test_supervisor_gives_up_on_a_part_that_keeps_dying(stack: Stack) -> None:
+    """(Runs last on the module's stack: it leaves the offline-store writer dead.)"""
+    from connectors.embedded import ServiceError
+    from freshrec import stack as stack_module
+
+    for _ in range(stack_module.RESTARTS):
+        os.killpg(stack.procs["offline_store"].pid, signal.SIGKILL)
+        stack.procs["offline_store"].wait(10)
+        assert [e["component"] for e in stack.supervise(log=lambda m: None)] == ["offline_store"]
+    os.killpg(stack.procs["offline_store"].pid, signal.SIGKILL)
+    stack.procs["offline_store"].wait(10)
+    with pytest.raises(ServiceError, match="offline_store exited .* not restarting it again"):
+        stack.supervise(log=lambda m: None)
