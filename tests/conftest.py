@@ -85,11 +85,17 @@ class JobProcess:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.proc = start_feature_job(settings, settings.state_dir)
         self.log = settings.state_dir / "feature_job.log"
+        start = self.log.stat().st_size if self.log.exists() else 0  # a restarted job appends to the log
+        self.proc = start_feature_job(settings, settings.state_dir)
         # Fail fast on a job that cannot even be built, instead of timing out in the test.
-        wait_until(lambda: self.check_alive() or "[freshrec-features] reading" in self.log.read_text(), 120,
+        wait_until(lambda: self.check_alive() or "[freshrec-features] reading" in self.output(start), 120,
                    "the feature job to start")
+
+    def output(self, start: int = 0) -> str:
+        with self.log.open(errors="replace") as f:
+            f.seek(start)
+            return f.read()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         try:
