@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -118,8 +119,10 @@ def _timestamp_ms(raw: dict[str, Any], now_ms: int, min_ms: int) -> int:
             value = float(text)
         except ValueError:
             return _check_range(field, _iso_ms(field, text), now_ms, min_ms)
-    if not isinstance(value, int | float) or value != value:  # NaN
+    if not isinstance(value, int | float):
         raise InvalidEvent(field, f"expected a number or ISO-8601 string, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN/Infinity, as Python reads them
+        raise InvalidEvent(field, f"expected a finite number, got {value}")
     # `ts` is milliseconds; `timestamp` is seconds (the Taobao log's unit).
     ms = int(value) if field == "ts" else int(value * 1000)
     return _check_range(field, ms, now_ms, min_ms)
@@ -136,10 +139,11 @@ def _iso_ms(field: str, text: str) -> int:
 
 
 def _check_range(field: str, ms: int, now_ms: int, min_ms: int) -> int:
+    shown = f"{ms} ms" if abs(ms) < 10**20 else "a value of over 20 digits"  # str() of a huge int may be refused
     if ms < min_ms:
-        raise InvalidEvent(field, f"{ms} ms is before 2000-01-01; ts is epoch milliseconds, timestamp seconds")
+        raise InvalidEvent(field, f"{shown} is before 2000-01-01; ts is epoch milliseconds, timestamp seconds")
     if ms > now_ms + MAX_FUTURE_MS:
-        raise InvalidEvent(field, f"{ms} ms is more than a day in the future; check the producer's clock/unit")
+        raise InvalidEvent(field, f"{shown} is more than a day in the future; check the producer's clock/unit")
     return ms
 
 

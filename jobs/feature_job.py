@@ -98,6 +98,9 @@ class ParseEvents(ProcessFunction):
         except InvalidEvent as err:
             yield DLQ, dead_letter(value, err, "feature_job").decode()
             return
+        except Exception as exc:  # noqa: BLE001 - a bug in validation must not make the event a poison pill
+            yield DLQ, dead_letter(value, f"validation failed: {exc.__class__.__name__}: {exc}", "feature_job").decode()
+            return
         now = time.monotonic()
         if now - self.asked_at > 0.01:  # a call into Java; the watermark moves slowly anyway
             self.watermark, self.asked_at = ctx.timer_service().current_watermark(), now
