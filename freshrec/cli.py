@@ -306,10 +306,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from freshrec.deploy import describe, submit
-    from jobs.topics import JOB_NAME
 
     s = Settings.from_env()
-    print(describe(s, JOB_NAME), flush=True)
+    print(describe(s), flush=True)
     return submit(s) if args.submit else 0
 
 

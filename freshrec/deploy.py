@@ -6,12 +6,12 @@ create (with partitions) and the command that submits the job to the JobManager;
 same file the embedded stack runs (jobs/feature_job.py); with FRESHREC_FLINK_MODE=cluster it
 leaves jars and the Python interpreter to the cluster's image and configuration.
 
->>> s = Settings(flink_mode="cluster", flink_jobmanager="jm:8081", parallelism=2)
+>>> s = Settings(flink_mode="cluster", flink_jobmanager="jm:8081", parallelism=2, state_dir=Path("/state"))
 >>> cmd = flink_run(s, root=Path("/app"))
 >>> cmd[:9]
 ['flink', 'run', '--jobmanager', 'jm:8081', '--detached', '--parallelism', '2', '--python', '/app/jobs/feature_job.py']
->>> cmd[9], cmd[10].split(",")[:2]
-('--pyFiles', ['/app/connectors', '/app/streaming'])
+>>> cmd[9:]
+['--pyFiles', '/state/deploy/freshrec-packages.zip']
 """
 
 from __future__ import annotations
@@ -19,25 +19,45 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import zipfile
 from dataclasses import fields
 from pathlib import Path
 
 from freshrec.config import Settings
-from jobs.topics import topic_plan
+from jobs.topics import feature_job_id, topic_plan
 from streaming.flink import PROJECT_ROOT, checkpoint_root, latest_checkpoint
 
 SECRET = {"FRESHREC_ADMIN_API_KEY"}
 PACKAGES = ("connectors", "streaming", "jobs", "features", "online_learning", "serving", "freshrec")
 
 
+def packages_zip(settings: Settings) -> Path:
+    return settings.state_dir / "deploy" / "freshrec-packages.zip"
+
+
 def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink") -> list[str]:
     """The submit command. The job's Python main runs in the client, which reads FRESHREC_*;
     the operators carry the settings with them, so TaskManagers need no FRESHREC_* of their own.
-    ``--pyFiles`` ships the project's packages to the TaskManagers (not the directory: a
-    checkout's .venv would go too)."""
+    ``--pyFiles`` ships the project's packages (see :func:`package`) to the TaskManagers."""
     return [flink, "run", "--jobmanager", settings.flink_jobmanager, "--detached",
             "--parallelism", str(settings.parallelism), "--python", str(root / "jobs" / "feature_job.py"),
-            "--pyFiles", ",".join(str(root / p) for p in PACKAGES)]
+            "--pyFiles", str(packages_zip(settings))]
+
+
+def package(settings: Settings, root: Path = PROJECT_ROOT) -> Path:
+    """The project's packages in one zip for ``--pyFiles``. A zip goes on the Python path with
+    the packages inside it; a shipped directory goes on the path itself, so its modules shadow
+    libraries (connectors/kafka.py hid kafka-python). Not the whole checkout: its .venv would go too."""
+    path = packages_zip(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in PACKAGES:
+            for file in sorted((root / name).rglob("*")):
+                if file.is_file() and "__pycache__" not in file.parts:
+                    z.write(file, file.relative_to(root).as_posix())
+    tmp.replace(path)
+    return path
 
 
 def job_env(settings: Settings) -> dict[str, str]:
@@ -49,12 +69,13 @@ def job_env(settings: Settings) -> dict[str, str]:
     return {k: v for k, v in sorted(env.items()) if k not in SECRET}
 
 
-def describe(settings: Settings, job_name: str) -> str:
+def describe(settings: Settings) -> str:
     lines = ["# topics (create before the job; partitions cannot be lowered later)"]
     lines += [f"{topic:40} partitions={n}" for topic, n in topic_plan(settings).items()]
-    root = checkpoint_root(settings, f"{job_name}-{settings.feast_project}")
+    root = checkpoint_root(settings, feature_job_id(settings))
     ckpt = latest_checkpoint(root)
-    lines += ["", "# submit the feature job (it also writes the training examples)",
+    lines += ["", "# submit the feature job (it also writes the training examples); --submit first zips the project's",
+              f"# packages into {packages_zip(settings)}",
               " \\\n  ".join([*(f"{k}={shlex.quote(v)}" for k, v in job_env(settings).items()),
                              shlex.join(flink_run(settings))]),
               "",
@@ -66,5 +87,6 @@ def describe(settings: Settings, job_name: str) -> str:
 
 
 def submit(settings: Settings) -> int:
+    package(settings)
     env = {**os.environ, **settings.replace(flink_mode="cluster").to_env()}
     return subprocess.run(flink_run(settings), env=env).returncode
