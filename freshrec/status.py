@@ -44,7 +44,7 @@ def _ago(seconds: float) -> str:
     return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
 
 
-class _Log:
+class LogOffsets:
     """Log ends and committed offsets, read from the broker."""
 
     def __init__(self, bootstrap: str) -> None:
@@ -88,12 +88,12 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
     broker, redis_part, job, offline, trainer, api = (part(n) for n in ("broker", "redis", "feature_job",
                                                                        "offline_store", "trainer", "api"))
     dlq = Part("dead letters", "")
-    log: _Log | None = None
+    log: LogOffsets | None = None
     try:
         epoch = read_epoch(s.kafka_bootstrap, epoch_topic(s), timeout_s=3)
         broker.details.append(f"{s.kafka_bootstrap}, log epoch {epoch or 'none (topics not created)'}")
         broker.figures["epoch"] = epoch.id if epoch else None
-        log = _Log(s.kafka_bootstrap)
+        log = LogOffsets(s.kafka_bootstrap)
     except (BrokerError, KafkaError) as exc:
         broker.details.append(f"not answering at {s.kafka_bootstrap}: {exc}")
     if log is not None:

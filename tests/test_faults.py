@@ -29,7 +29,8 @@ from features.definitions import FEATURE_VIEWS
 from features.store import repo_dir
 from freshrec.config import Settings
 from freshrec.stack import Stack, recent_events
-from freshrec.status import collect, render
+from freshrec.status import LogOffsets, collect, render
+from jobs.topics import examples_topic
 from online_learning.publish import ParameterStore
 from streaming.state import Spec
 from tests.conftest import wait_until
@@ -83,7 +84,8 @@ def _offline_users(settings: Settings) -> set[str]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = Settings(state_dir=tmp_path_factory.mktemp("faults") / "stack", feast_project="faults",
                         api_port=free_port(), checkpoint_interval_ms=1000, window_seconds=120, window_pane_seconds=10,
-                        idle_timeout_ms=3000, out_of_orderness_ms=500, broker_check_ms=500)
+                        idle_timeout_ms=3000, out_of_orderness_ms=500, broker_check_ms=500,
+                        gate_margin=1.0)  # the quality gate is tested elsewhere: here every version goes out
     s = Stack.start(settings, log=lambda m: None)
     yield s
     started = time.monotonic()
@@ -160,7 +162,31 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
     assert _log_says(stack, "feature_job", "Redis unreachable")
     assert all(p.poll() is None for p in stack.procs.values()), "no component died of it"
 
-    # 4. `freshrec status` tells the story.
+    # 4. The trainer is SIGKILLed: the new one resumes at the newest published version and learns
+    #    every example after that version's offsets exactly once (what the dead one had learned but
+    #    not published is learned again: it never reached the published model).
+    os.killpg(stack.procs["trainer"].pid, signal.SIGKILL)
+    stack.procs["trainer"].wait(10)
+    resumed_at = params.head()
+    resumed_from = params.get(resumed_at).meta["offsets"]
+    assert [e["component"] for e in stack.supervise(log=lambda m: None)] == ["trainer"]
+    produce(generated("fd-", 100, seed=24, n_users=10))
+    wait_until(lambda: _log_says(stack, "trainer", f"resumed at version {resumed_at} "), 60, "the trainer to resume")
+    examples = LogOffsets(s.kafka_bootstrap)
+    try:
+        def caught_up() -> bool:
+            head = params.get(params.head())
+            ends = examples.end(examples_topic(s))
+            return head is not None and head.meta["offsets"] == {str(p): o for p, o in ends.items()}
+
+        wait_until(caught_up, 90, "the restarted trainer to publish every example")
+        head = params.get(params.head())
+        total = sum(examples.end(examples_topic(s)).values())
+        assert head.meta["examples"] == total - sum(resumed_from.values()), "an example learned twice or skipped"
+    finally:
+        examples.close()
+
+    # 5. `freshrec status` tells the story.
     doc = json.loads((s.state_dir / "stack.json").read_text())
     parts = {p.component: p for p in collect(s, doc)}
     assert all(parts[n].state == "up" for n in ("broker", "redis", "feature_job", "offline_store", "trainer", "api"))
@@ -171,7 +197,7 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
     assert parts["api"].figures["served_version"] >= 1
     assert parts["dead letters"].figures["count"] == 0
     what = [(e["component"], e["what"]) for e in recent_events(s.state_dir)]
-    assert [c for c, _ in what] == ["broker", "broker", "redis"]
+    assert [c for c, _ in what] == ["broker", "broker", "redis", "trainer"]
     assert "log is gone" in what[1][1] and "append-only" in what[2][1]
     text = render(list(parts.values()), recent_events(s.state_dir))
     assert "log epoch" in text and "restarted on port" in text
