@@ -217,6 +217,8 @@ def _read_replies(conn: Any, n: int) -> list[Any]:
         parser.feed(data)
         while (reply := parser.gets()) is not False:
             if isinstance(reply, hiredis.ReplyError):
+                if str(reply).startswith("LOADING"):  # a restarted server reading its data: not up yet
+                    raise redis.BusyLoadingError(str(reply))
                 raise redis.ResponseError(str(reply))
             out.append(reply)
     return out

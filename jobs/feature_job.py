@@ -16,7 +16,10 @@ watermarks lag the newest event by FRESHREC_OUT_OF_ORDERNESS_MS, and events olde
 watermark minus FRESHREC_ALLOWED_LATENESS_MS go to the DLQ. Values update on every event
 (see streaming/state.py for why that stays exact out of order).
 
-Run: ``python -m jobs.feature_job`` with FRESHREC_* variables set (``freshrec up`` does).
+Run: ``python -m jobs.feature_job`` with FRESHREC_* variables set (``freshrec up`` does). On
+the local mini-cluster the process also watches the log epoch (connectors/log_epoch.py): when
+the broker lost its log, it cancels the job and starts over from the last checkpoint, reading
+the new log from its start.
 """
 
 from __future__ import annotations

@@ -71,6 +71,13 @@ def _features(reader: FeastRedisReader, want: dict[str, dict]) -> dict[str, dict
     return {u: ({k: r[k] for k in want[u]} if r else None) for u, r in zip(want, rows, strict=True)}
 
 
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:  # also while it loads its data
+        return False
+
+
 def _log_says(stack: Stack, name: str, text: str) -> bool:
     return text in (stack.log_dir / f"{name}.log").read_text(errors="replace")
 
@@ -156,6 +163,7 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
     time.sleep(2)  # the job's sink meets the closed port, and retries
     restarted = stack.supervise(log=lambda m: None)
     assert [e["component"] for e in restarted] == ["redis"]
+    wait_until(lambda: _answers(client), 30, "Redis to load its append-only file")
     want_later = _expected(later, spec)
     wait_until(lambda: _features(reader, want_later) == want_later, 120, "the job to catch up after Redis")
     assert _features(reader, want_before) == want_before and _features(reader, want_after) == want_after
