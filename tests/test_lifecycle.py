@@ -35,6 +35,22 @@ def test_producer_does_not_hang_when_the_broker_goes(tmp_path: Path) -> None:
     assert time.monotonic() - started < 15
 
 
+def test_api_answers_503_quickly_without_a_broker(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from connectors.embedded import free_port
+    from freshrec.config import Settings
+    from serving.app import create_app
+
+    api = TestClient(create_app(Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", state_dir=tmp_path)))
+    event = {"user_id": "u", "item_id": "i", "behavior": "view", "ts": int(time.time() * 1000)}
+    for _ in range(2):  # and again: a failed producer is dropped, the next request tries anew
+        started = time.monotonic()
+        answer = api.post("/events", json=[event])
+        assert answer.status_code == 503 and "nothing acknowledged" in answer.json()["detail"]
+        assert time.monotonic() - started < 15
+
+
 def _child(code: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
 
