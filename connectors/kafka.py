@@ -87,17 +87,19 @@ def consumer(bootstrap: str, *topics: str, group: str | None = None, **overrides
     return KafkaConsumer(*topics, **config)
 
 
-def log_ends(c: KafkaConsumer, tps: list[TopicPartition], settle_ms: int = 300) -> dict[TopicPartition, int]:
+def log_ends(c: KafkaConsumer, tps: list[TopicPartition], settle_ms: int = 300,
+             max_ms: int = 1500) -> dict[TopicPartition, int]:
     """The offset after the last record of each partition. The embedded broker answers a
     log-end query with the first offset of the last batch + 1, so this reads on from there
-    (a batch at most) to the real end. Reassigns ``c``."""
+    to the real end: until nothing came for ``settle_ms``, or for ``max_ms`` at most (a log
+    written to all the time has no end to wait for). Reassigns ``c``."""
     ends = dict(c.end_offsets(tps))
     c.assign(tps)
     for tp in tps:
         if ends[tp]:
             c.seek(tp, ends[tp] - 1)
-    quiet_since = time.monotonic()
-    while time.monotonic() - quiet_since < settle_ms / 1000:
+    started = quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < settle_ms / 1000 and time.monotonic() - started < max_ms / 1000:
         for tp, records in c.poll(timeout_ms=100).items():
             ends[tp] = max(ends[tp], records[-1].offset + 1)
             quiet_since = time.monotonic()

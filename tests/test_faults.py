@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,11 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 import redis
+from kafka import KafkaConsumer, TopicPartition
 
 from connectors.embedded import free_port, start_broker
 from connectors.feast_redis import FeastRedisReader
-from connectors.kafka import EventProducer
+from connectors.kafka import EventProducer, log_ends, producer
 from connectors.log_epoch import EpochWatch, ensure_log, read_epoch
 from connectors.schema import BehaviorEvent
 from features.definitions import FEATURE_VIEWS
@@ -60,6 +62,37 @@ def test_log_epoch_changes_only_when_the_broker_loses_its_log(tmp_path: Path) ->
         if watch is not None:
             watch.close()
         broker.stop()
+
+
+def test_log_ends_reads_past_the_brokers_answer_and_returns_on_a_busy_topic(broker) -> None:  # noqa: ANN001
+    bootstrap = f"127.0.0.1:{broker.port}"
+    ensure_log(bootstrap, {"ends-t": 1}, "ends-t-epoch")
+    p = producer(bootstrap)
+    for _ in range(3):  # three batches: the broker's own answer stops at the first of the last
+        for _ in range(100):
+            p.send("ends-t", b"x")
+        p.flush()
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    tp = TopicPartition("ends-t", 0)
+    assert log_ends(c, [tp])[tp] == 300
+    busy = threading.Event()
+
+    def write() -> None:
+        while not busy.is_set():
+            p.send("ends-t", b"y")
+            time.sleep(0.001)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        started = time.monotonic()
+        assert log_ends(c, [tp])[tp] >= 300
+        assert time.monotonic() - started < 5, "log_ends waited for a log that never stops growing"
+    finally:
+        busy.set()
+        writer.join()
+        c.close()
+        p.close()
 
 
 def _expected(events: list[BehaviorEvent], spec: Spec) -> dict[str, dict]:
