@@ -23,10 +23,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from connectors.kafka import BrokerError, ensure_topics, producer
+from connectors.kafka import BrokerError, consumer, ensure_topics, producer
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,8 @@ def read_epoch(bootstrap: str, marker_topic: str, timeout_s: float = 5.0) -> Epo
     """The epoch the broker's log is in; None when the marker is missing. Raises
     :class:`BrokerError` when the broker does not answer."""
     try:
-        c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                          bootstrap_timeout_ms=int(timeout_s * 1000), request_timeout_ms=int(timeout_s * 1000) + 1000)
+        c = consumer(bootstrap, bootstrap_timeout_ms=int(timeout_s * 1000),
+                     request_timeout_ms=int(timeout_s * 1000) + 1000)
     except KafkaError:
         raise BrokerError(f"no Kafka broker answers at {bootstrap}") from None
     try:

@@ -114,7 +114,7 @@ def stop_group(pid: int, timeout: float = 10.0) -> None:
 
 
 def start_feature_job(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
-    return spawn("feature_job", [sys.executable, "-m", "jobs.feature_job"], settings, log_dir)
+    return spawn("feature_job", [sys.executable, "-m", PROCESSES["feature_job"]], settings, log_dir)
 
 
 def start_api(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:

@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import redis
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from connectors.kafka import BrokerError, log_ends
+from connectors.kafka import BrokerError, consumer, log_ends
 from connectors.log_epoch import read_epoch
 from freshrec.config import Settings
 from freshrec.stack import alive
@@ -49,8 +49,7 @@ class LogOffsets:
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self.c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, bootstrap_timeout_ms=3000,
-                               request_timeout_ms=5000)
+        self.c = consumer(bootstrap, bootstrap_timeout_ms=3000, request_timeout_ms=5000)
 
     def end(self, topic: str) -> dict[int, int]:
         parts = self.c.partitions_for_topic(topic)
@@ -60,8 +59,8 @@ class LogOffsets:
         return {tp.partition: n for tp, n in ends.items()}
 
     def committed(self, group: str, topic: str, partitions: list[int]) -> dict[int, int]:
-        c = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False,
-                          bootstrap_timeout_ms=3000, request_timeout_ms=5000)
+        c = consumer(self.bootstrap, group=group, enable_auto_commit=False, bootstrap_timeout_ms=3000,
+                     request_timeout_ms=5000)
         try:
             got = {p: c.committed(TopicPartition(topic, p)) for p in partitions}
         finally:
