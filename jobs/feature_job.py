@@ -77,8 +77,8 @@ def _event_type() -> Any:
 EVENT = _event_type()
 # (feature view, entity, event ts ms, JSON of values)
 ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
-# (item, other item, ts ms)
-PAIR = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG()])
+# (item, the items it was co-visited with, the pairs' ts ms): one record per item a view touches
+PAIR = Types.TUPLE([Types.STRING(), Types.LIST(Types.STRING()), Types.LIST(Types.LONG())])
 DLQ = OutputTag("dlq", Types.STRING())
 # an event + JSON of the user's features before it ("" for a new user)
 NEW_EVENTS = OutputTag("new_events", Types.TUPLE([*_event_type().get_field_types(), Types.STRING()]))
@@ -174,8 +174,14 @@ class UserFeatures(KeyedProcessFunction):
         self.state.update((st, views))
         yield "user_recent", ev.user_id, st.newest, json.dumps(st.features(self.spec))
         yield NEW_EVENTS, (*value, before)
-        for pair in pairs:
-            yield PAIRS, pair
+        # The viewed item's pairs leave as one record (a side output is a call into Java, and its
+        # neighbour table is then loaded and saved once); each other item gets its own.
+        mine = [(other, at) for item, other, at in pairs if item == ev.item_id]
+        if mine:
+            yield PAIRS, (ev.item_id, [o for o, _ in mine], [at for _, at in mine])
+        for item, other, at in pairs:
+            if item != ev.item_id:
+                yield PAIRS, (item, [other], [at])
 
 
 class ItemFeatures(_Keyed):
@@ -232,9 +238,10 @@ class CoVisitNeighbours(_Keyed):
         self.ticks = Ticks(self.every_ms)
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        item, other, ts = value
+        item, others, stamps = value
         st: Neighbours = self.load()
-        if st.add(other, ts, self.spec):
+        added = [st.add(other, ts, self.spec) for other, ts in zip(others, stamps, strict=True)]
+        if any(added):
             self.state.update(st)
             self.ticks.ensure(ctx, item)
 

@@ -14,7 +14,7 @@ from connectors.simulator import simulate
 from features.store import feature_store
 from freshrec.config import Settings
 from serving.app import create_app
-from streaming.state import Spec
+from streaming.state import Ev, Neighbours, RecentViews, Spec
 from tests.conftest import wait_until
 from tests.expected import item_features, user_features
 
@@ -55,6 +55,21 @@ def test_features_match_independent_counts(shared: Settings, reader: FeastRedisR
         return got_users == [want_users[u] for u in users] and got_items == [want_items[i] for i in items]
 
     wait_until(settled, 120, "the job's user and item features to equal the independent counts")
+
+    # Co-visitation: the job's batched pair records against the state classes fed pair by pair.
+    views: dict[str, RecentViews] = {}
+    neighbours: dict[str, Neighbours] = {}
+    for e in sorted(events, key=lambda e: (e.ts, e.event_id)):
+        if e.behavior == "view":
+            ev = Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
+            for a, b, at in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
+                neighbours.setdefault(a, Neighbours()).add(b, at, spec)
+    assert max(len(v.views) for v in views.values()) < shared.covisit_max_views  # no cut: order-free
+    want_covisit = [neighbours[i].features(spec) for i in sorted(neighbours)]
+    wait_until(lambda: [{k: (r or {}).get(k) for k in w} for r, w in
+                        zip(reader.read([("item_covisit", i) for i in sorted(neighbours)]), want_covisit,
+                            strict=True)] == want_covisit, 60,
+               "the job's co-visitation neighbours to equal the state fed pair by pair")
 
     # The same values through Feast's own online read.
     store = feature_store(shared)
