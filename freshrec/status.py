@@ -67,6 +67,11 @@ class LogOffsets:
             c.close()
         return {p: o for p, o in got.items() if o is not None}
 
+    def behind(self, topic: str, group: str) -> int:
+        """Records of ``topic`` past what ``group`` has committed."""
+        ends = self.end(topic)
+        return _behind(ends, self.committed(group, topic, list(ends)))
+
     def close(self) -> None:
         self.c.close()
 
@@ -88,6 +93,7 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
                                                                        "offline_store", "trainer", "api"))
     dlq = Part("dead letters", "")
     log: LogOffsets | None = None
+    examples_end: dict[int, int] = {}
     try:
         epoch = read_epoch(s.kafka_bootstrap, epoch_topic(s), timeout_s=3)
         broker.details.append(f"{s.kafka_bootstrap}, log epoch {epoch or 'none (topics not created)'}")
@@ -97,13 +103,9 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
         broker.details.append(f"not answering at {s.kafka_bootstrap}: {exc}")
     if log is not None:
         try:
-            ends = log.end(s.events_topic)
-            lag = _behind(ends, log.committed(feature_job_id(s), s.events_topic, list(ends)))
-            job.figures["behind"] = lag
+            job.figures["behind"] = lag = log.behind(s.events_topic, feature_job_id(s))
             job.details.append(f"behind by {lag} events (as of its last checkpoint)")
-            ends = log.end(feature_log_topic(s))
-            lag = _behind(ends, log.committed(offline_group(s), feature_log_topic(s), list(ends)))
-            offline.figures["behind"] = lag
+            offline.figures["behind"] = lag = log.behind(feature_log_topic(s), offline_group(s))
             offline.details.append(f"behind by {lag} feature rows")
             dead = sum(log.end(s.dlq_topic).values())
             dlq.figures["count"] = dead
@@ -111,11 +113,8 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
             examples_end = log.end(examples_topic(s))
         except KafkaError as exc:
             broker.details.append(f"could not read offsets: {exc}")
-            examples_end = {}
         finally:
             log.close()
-    else:
-        examples_end = {}
 
     ckpt = latest_checkpoint(checkpoint_root(s, feature_job_id(s)))
     if ckpt is None:
@@ -135,9 +134,9 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
         if version is None:
             trainer.details.append("nothing published yet")
         else:
-            trainer.figures |= {"published_version": head, "published_age_s": round(time.time() - version.created_ms
-                                                                                    / 1000, 1)}
-            trainer.details.append(f"published version {head}, {_ago(time.time() - version.created_ms / 1000)}")
+            age = time.time() - version.created_ms / 1000
+            trainer.figures |= {"published_version": head, "published_age_s": round(age, 1)}
+            trainer.details.append(f"published version {head}, {_ago(age)}")
             if examples_end and version.meta.get("epoch") == broker.figures.get("epoch"):
                 done = {int(p): o for p, o in version.meta.get("offsets", {}).items()}
                 trainer.figures["behind"] = lag = _behind(examples_end, done)
