@@ -39,6 +39,15 @@ def rest(c: StandaloneCluster, path: str, method: str = "GET") -> dict:
     return json.loads(body) if body else {}
 
 
+def taskmanagers(c: StandaloneCluster) -> int:
+    """TaskManagers registered; 0 while the JobManager's REST endpoint is still starting (it
+    answers 503 until its leader is elected)."""
+    try:
+        return int(rest(c, "/overview")["taskmanagers"])
+    except OSError:  # urllib's HTTPError and URLError are OSErrors
+        return 0
+
+
 def submit(c: StandaloneCluster, s: Settings) -> str:
     done = subprocess.run([sys.executable, "-m", "freshrec.cli", "deploy", "--submit"], capture_output=True,
                           text=True, timeout=240, env={**c.env, **s.to_env()})
@@ -49,7 +58,7 @@ def submit(c: StandaloneCluster, s: Settings) -> str:
 
 def test_job_runs_unchanged_on_a_cluster(cluster: StandaloneCluster,
                                          make_settings: Callable[[str], Settings]) -> None:
-    wait_until(lambda: rest(cluster, "/overview")["taskmanagers"] == 1, 120, "a TaskManager to register")
+    wait_until(lambda: taskmanagers(cluster) == 1, 120, "a TaskManager to register")
     s = make_settings("cluster").replace(flink_jobmanager=cluster.address, flink_mode="cluster")
     reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
     first = generated("cl1-", 200, seed=21)
