@@ -22,10 +22,17 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Array, Float64, Int64, String
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from features.dsl import KEY_SEPARATOR
+
 KEY_SERIALIZATION_VERSION = 3
 
 
 def _encoder(dtype: Any):  # noqa: ANN202 - returns a small closure
+    encode = _typed_encoder(dtype)
+    return lambda v: ValueProto() if v is None else encode(v)  # None: no value (an empty window's mean)
+
+
+def _typed_encoder(dtype: Any):  # noqa: ANN202
     if dtype == Int64:
         return lambda v: ValueProto(int64_val=int(v))
     if dtype == Float64:
@@ -54,22 +61,22 @@ class ViewLayout:
     """How one feature view is laid out in Redis."""
 
     name: str
-    join_key: str
+    join_keys: tuple[str, ...]
     fields: tuple[tuple[str, bytes, Any], ...]  # (feature, hash field, encoder)
     ts_field: bytes
     ttl_seconds: int
 
     @classmethod
     def of(cls, view: FeatureView) -> ViewLayout:
-        join_keys = [c.name for c in view.entity_columns]
-        if len(join_keys) != 1:
-            raise ValueError(f"feature view {view.name}: exactly one entity join key is supported")
+        join_keys = tuple(c.name for c in view.entity_columns)
         fields = tuple((f.name, _mmh3(f"{view.name}:{f.name}"), _encoder(f.dtype)) for f in view.features)
         ttl = int(view.ttl.total_seconds()) if view.ttl else 0
-        return cls(view.name, join_keys[0], fields, f"_ts:{view.name}".encode(), ttl)
+        return cls(view.name, join_keys, fields, f"_ts:{view.name}".encode(), ttl)
 
     def key(self, project: str, entity: str) -> bytes:
-        ek = EntityKey(join_keys=[self.join_key], entity_values=[ValueProto(string_val=entity)])
+        """``entity`` joins the parts of a composite key with KEY_SEPARATOR, in join-key order."""
+        parts = entity.split(KEY_SEPARATOR) if len(self.join_keys) > 1 else [entity]
+        ek = EntityKey(join_keys=list(self.join_keys), entity_values=[ValueProto(string_val=p) for p in parts])
         return _redis_key(project, ek, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
 
 

@@ -31,7 +31,8 @@ from kafka.errors import KafkaError
 
 from connectors.kafka import consumer
 from connectors.log_epoch import EpochWatch
-from features.definitions import FEATURE_VIEWS
+from features.dsl import KEY_SEPARATOR
+from features.registry import all_views, expand
 from features.store import repo_dir
 from freshrec.config import Settings
 from jobs.topics import epoch_topic, feature_log_topic, offline_group, topic_plan
@@ -51,13 +52,31 @@ def arrow_schema(view: FeatureView) -> pa.Schema:
     return pa.schema([*keys, pa.field("event_timestamp", pa.timestamp("ms", tz="UTC")), *features])
 
 
+def records(row: dict[str, Any], views: dict[str, FeatureView]) -> list[tuple[str, str, dict[str, Any]]]:
+    """A feature-log row as ``(view, date, Parquet record)``; a catalogue row gives one per
+    definition. Views not in ``views`` (the trending list, definitions since removed) give none."""
+    when = datetime.fromtimestamp(row["ts"] / 1000, tz=UTC)
+    out = []
+    for name, values in expand(row["view"], row["values"]):
+        fv = views.get(name)
+        if fv is None:
+            continue
+        keys = [c.name for c in fv.entity_columns]
+        parts = row["entity"].split(KEY_SEPARATOR) if len(keys) > 1 else [row["entity"]]
+        out.append((name, when.strftime("%Y-%m-%d"), {**dict(zip(keys, parts, strict=True)),
+                                                      "event_timestamp": when, **values}))
+    return out
+
+
 class OfflineWriter:
     """Buffers feature-log rows and writes them out every ``flush_rows`` rows or ``flush_s`` seconds."""
 
     def __init__(self, settings: Settings, flush_rows: int = 50_000, flush_s: float = 5.0) -> None:
         self.settings = settings
         self.root = repo_dir(settings) / "offline"
-        self.views = {v.name: (v, arrow_schema(v)) for v in FEATURE_VIEWS}
+        views = all_views(settings)
+        self.views = {v.name: (v, arrow_schema(v)) for v in views}
+        self.feature_views = {v.name: v for v in views}
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.consumer = consumer(settings.kafka_bootstrap, feature_log_topic(settings),
                                  group=offline_group(settings), enable_auto_commit=False)
@@ -68,14 +87,8 @@ class OfflineWriter:
         self.written = 0
 
     def add(self, raw: bytes, partition: int, offset: int, record_ms: int) -> None:
-        row = json.loads(raw)
-        view = self.views.get(row["view"])
-        if view is None:
-            return  # not a feature view (the trending list)
-        fv, _ = view
-        when = datetime.fromtimestamp(row["ts"] / 1000, tz=UTC)
-        record = {fv.entity_columns[0].name: row["entity"], "event_timestamp": when, **row["values"]}
-        self.pending[(fv.name, when.strftime("%Y-%m-%d"))].append(record)
+        for view, day, record in records(json.loads(raw), self.feature_views):
+            self.pending[(view, day)].append(record)
         self.first.setdefault(partition, (offset, record_ms))
         self.count += 1
 

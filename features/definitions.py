@@ -18,6 +18,8 @@ user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
               description="An app user, by the id the app sends in events.")
 item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING,
               description="A recommendable item.")
+category = Entity(name="category", join_keys=["category_id"], value_type=ValueType.STRING,
+                  description="An item category, as events name it.")
 
 
 def _offline(view: str) -> FileSource:
@@ -78,7 +80,7 @@ item_covisit = FeatureView(
     tags={"team": "recsys", "job": "feature_job"},
 )
 
-ENTITIES = [user, item]
+ENTITIES = [user, item, category]
 
 
 def trending_key(project: str) -> str:

@@ -7,7 +7,6 @@ from urllib.parse import urlparse
 
 from feast import FeatureStore, RepoConfig
 
-from features.definitions import ENTITIES, FEATURE_VIEWS
 from freshrec.config import Settings
 
 
@@ -43,7 +42,13 @@ def feature_store(settings: Settings) -> FeatureStore:
 
 
 def apply(settings: Settings) -> FeatureStore:
-    """Register the entities and feature views (what `feast apply` does for features/repo)."""
+    """Register the entities and feature views (what `feast apply` does for features/repo),
+    and delete catalogue views whose definitions are gone."""
+    from features.dsl import load
+    from features.registry import feast_objects, plan
+
     store = feature_store(settings)
-    store.apply([*ENTITIES, *FEATURE_VIEWS])
+    entities, views = feast_objects(settings)
+    gone = plan(load(settings.features), store.list_feature_views()).removed
+    store.apply([*entities, *views], objects_to_delete=[store.get_feature_view(n) for n in gone], partial=False)
     return store

@@ -318,6 +318,55 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from features.dsl import load
+    from features.registry import plan
+    from features.store import apply, feature_store
+
+    s = Settings.from_env()
+    defs = load(s.features)  # a DefinitionError lists every problem, by definition and field
+    if args.action == "validate":
+        print(f"{len(defs)} definitions in {s.features}: valid")
+        return 0
+    if args.action == "parity":
+        if not args.source:
+            raise UserError("give the log to compare on: --source FILE")
+        from features.parity import run
+
+        report = run(Path(args.source), s, args.format)
+        print(report.render(show=args.show))
+        return 0 if not report.mismatches else 1
+    try:
+        registered = feature_store(s).list_feature_views()
+    except Exception:  # noqa: BLE001 - no registry yet: everything is new
+        registered = []
+    changes = plan(defs, registered)
+    print(changes.render())
+    if args.action == "apply" and not changes.empty:
+        apply(s)
+        print(f"applied to the Feast registry of project {s.feast_project}")
+        if changes.restarts:
+            print("restart the feature job to compute the new definitions (`freshrec down` / `freshrec up`, or "
+                  "`freshrec deploy --submit` on a cluster; its checkpoint keeps the other features' state)")
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from jobs.backfill import BackfillError, backfill, parse_time
+
+    s = Settings.from_env()
+    try:
+        report = backfill(s, [Path(p) for p in args.source], parse_time(args.start, "--from"),
+                          parse_time(args.end, "--to"), fmt=args.format, materialize=args.materialize,
+                          progress=not args.quiet)
+    except BackfillError as exc:
+        raise UserError(str(exc)) from None
+    if report.staged is not None:
+        print(f"wrote {len(report.days_written)} days ({report.staged.events:,} events, "
+              f"{report.events_per_s:,.0f} events/s); refused rows are in {report.rejected_file}")
+    return 0
+
+
 def log_source(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The arguments of a command that reads a whole log (evaluate, train)."""
     p.add_argument("--source", required=True, help="Taobao CSV, MovieLens u.data, CSV with header, or JSONL")
@@ -370,6 +419,22 @@ def parser() -> argparse.ArgumentParser:
     md.set_defaults(func=cmd_model)
     log_source(sub.add_parser("train", help="warm start: learn a historical log and publish the models as a "
                                             "snapshot")).set_defaults(func=cmd_train)
+    ft = sub.add_parser("features", help="the feature catalogue: validate, plan, apply, parity")
+    ft.add_argument("action", choices=["validate", "plan", "apply", "parity"],
+                    help="validate: check the definitions; plan: what apply would change; apply: register them in "
+                         "Feast; parity: run the streaming job and the backfill on --source and compare")
+    ft.add_argument("--source", help="(parity) the log to run both executors on")
+    ft.add_argument("--format", default="auto", choices=FORMATS)
+    ft.add_argument("--show", type=int, default=20, help="(parity) mismatches to list")
+    ft.set_defaults(func=cmd_features)
+    bf = sub.add_parser("backfill", help="compute the catalogue over historical logs into the offline store")
+    bf.add_argument("--source", nargs="+", required=True, help="log files, read in this order")
+    bf.add_argument("--from", dest="start", required=True, help="first time (ISO-8601 date/time, UTC) to write")
+    bf.add_argument("--to", dest="end", required=True, help="end of the range (exclusive)")
+    bf.add_argument("--format", default="auto", choices=FORMATS)
+    bf.add_argument("--materialize", action="store_true", help="then load the newest values into the online store")
+    bf.add_argument("--quiet", action="store_true", help="no progress bar")
+    bf.set_defaults(func=cmd_backfill)
     return p
 
 

@@ -38,6 +38,8 @@ class Settings:
     partitions: int = field(default=2, metadata=_doc("partitions of the events topic (fixed at creation)"))
     feast_project: str = field(default="freshrec", metadata=_doc("Feast project; namespaces Redis keys"))
     state_dir: Path = field(default=Path(".freshrec"), metadata=_doc("runtime files, checkpoints, logs"))
+    features: str = field(default="features.catalog", metadata=_doc("the feature catalogue: a module or a .py "
+                                                                    "file of definitions (features/dsl.py)"))
     window_seconds: int = field(default=3600, metadata=_doc("window of the recent counts"))
     window_pane_seconds: int = field(default=60, metadata=_doc("the recent-counts window slides in these steps"))
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))

@@ -8,6 +8,8 @@
            '-> co-visit pairs -> key by item: top neighbours                       (item_covisit)
       -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
       -> every feature row to the feature-log topic (the offline store's input)
+      -> the feature catalogue (streaming/definitions.py): online rows to Redis as above, final
+         rows to the feature log, records behind the settled horizon to the DLQ
     item_recent also hands each event, with the user's and the item's features from *before*
     it, to one training-example builder -> the examples topic (the trainer's input)
 
@@ -54,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from connectors.log_epoch import Epoch, EpochWatch
 from connectors.schema import InvalidEvent, dead_letter, validate
 from features.definitions import trending_key
+from features.registry import expand
 from freshrec.config import Settings
 from jobs.topics import (
     JOB_NAME,
@@ -65,6 +68,7 @@ from jobs.topics import (
     topic_plan,
 )
 from online_learning.examples import ExampleBuilder
+from streaming.definitions import DEFINED, attach
 from streaming.flink import environment
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
 
@@ -316,12 +320,12 @@ class FeastSink(KeyedProcessFunction):
         import redis
 
         from connectors.feast_redis import FeastRedisWriter
-        from features.definitions import FEATURE_VIEWS
+        from features.registry import all_views
 
         self.buffer = runtime_context.get_map_state(
             MapStateDescriptor("buffer", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
         self.client = redis.Redis.from_url(self.settings.redis_url)
-        self.writer = FeastRedisWriter(self.client, self.settings.feast_project, FEATURE_VIEWS)
+        self.writer = FeastRedisWriter(self.client, self.settings.feast_project, all_views(self.settings))
         self.trending_key = trending_key(self.settings.feast_project)
         self.ticks = Ticks(self.settings.sink_flush_ms)
 
@@ -329,7 +333,7 @@ class FeastSink(KeyedProcessFunction):
         view, entity, ts, payload = value
         self.buffer.put(f"{view}\x00{entity}", value)
         self.ticks.ensure(ctx, self.shard(entity, self.settings.parallelism))
-        if view != TRENDING_VIEW:
+        if view not in (TRENDING_VIEW, DEFINED):  # the catalogue's final rows go to the log from its operators
             yield f'{{"view":"{view}","entity":{json.dumps(entity)},"ts":{ts},"values":{payload}}}'
 
     @staticmethod
@@ -357,7 +361,7 @@ class FeastSink(KeyedProcessFunction):
                     if row[0] == TRENDING_VIEW:
                         self.client.set(self.trending_key, json.dumps({"ts": row[2], "items": row[3]}))
                     else:
-                        features.append(row)
+                        features.extend((view, row[1], row[2], values) for view, values in expand(row[0], row[3]))
                 self.writer.write(features)
                 if down_since is not None:
                     log(f"Redis is back after {time.monotonic() - down_since:.1f}s; writing on")
@@ -418,11 +422,16 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     trending = (items.key_by(lambda r: "all", key_type=Types.STRING())
                 .process(TrendingItems(s), output_type=ROW).name("trending").uid("trending"))
 
+    # The analysts' catalogue (features/catalog.py or FRESHREC_FEATURES), over de-duplicated events.
+    rows, finals, late = attach(new_events, s.features, s.allowed_lateness_ms, online=True)
+    for stream in late:
+        stream.sink_to(_kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
+
     parallelism = s.parallelism
-    written = (users.union(items, covisit, trending)
+    written = (users.union(items, covisit, trending, *rows)
                .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
                .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
-    written.sink_to(_kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+    written.union(*finals).sink_to(_kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
 
 
 def log(message: str) -> None:

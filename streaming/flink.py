@@ -37,8 +37,9 @@ def _python_path() -> str:
     return os.pathsep.join(paths + ([current] if current else []))
 
 
-def environment(settings: Settings, name: str, restore: bool = True):  # noqa: ANN201 - pyflink types
-    """A StreamExecutionEnvironment ready for the job called ``name``."""
+def environment(settings: Settings, name: str, restore: bool = True, batch: bool = False):  # noqa: ANN201
+    """A StreamExecutionEnvironment ready for the job called ``name``; ``batch``: bounded input
+    in Flink's batch runtime mode (no checkpoints: a failed batch job runs again)."""
     os.environ["PYTHONPATH"] = _python_path()  # read by the JVM the gateway starts
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
@@ -55,6 +56,11 @@ def environment(settings: Settings, name: str, restore: bool = True):  # noqa: A
         conf.set_string("rest.bind-address", "127.0.0.1")
     conf.set_string("pipeline.name", name)
     conf.set_string("python.execution-mode", "thread")  # process mode adds seconds of latency
+    if batch:
+        conf.set_string("execution.runtime-mode", "BATCH")
+        env = StreamExecutionEnvironment.get_execution_environment(conf)
+        env.set_parallelism(settings.parallelism)
+        return env
     conf.set_string("execution.checkpointing.interval", f"{settings.checkpoint_interval_ms} ms")
     conf.set_string("execution.checkpointing.dir", root.as_uri())
     conf.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")

@@ -131,6 +131,33 @@ def _keep_newest(newest: list[tuple[int, str, str]], entry: tuple[int, str, str]
         del newest[:-n]
 
 
+class Seen:
+    """The event ids of one user within ``dedup_ms`` of their newest event.
+
+    >>> s = Seen()
+    >>> [s.first(eid, ts, dedup_ms=100) for eid, ts in [("a", 10), ("b", 20), ("a", 10)]]
+    [True, True, False]
+    """
+
+    __slots__ = ("ids", "newest")
+
+    def __init__(self) -> None:
+        self.newest = 0
+        self.ids: dict[str, int] = {}  # event_id -> ts
+
+    def first(self, event_id: str, ts: int, dedup_ms: int) -> bool:
+        """True the first time an event id comes; False for a duplicate."""
+        if event_id in self.ids:
+            return False
+        if ts > self.newest:
+            self.newest = ts
+            horizon = ts - dedup_ms
+            self.ids = {eid: t for eid, t in self.ids.items() if t >= horizon}
+        if ts >= self.newest - dedup_ms:
+            self.ids[event_id] = ts
+        return True
+
+
 class UserState:
     """Recent behavior counts, last-N viewed items and top categories of one user."""
 
@@ -138,7 +165,7 @@ class UserState:
 
     def __init__(self) -> None:
         self.newest = 0
-        self.seen: dict[str, int] = {}  # event_id -> ts, for de-duplication
+        self.seen = Seen()
         self.counts = PaneCounts()
         self.categories = PaneCounts()
         self.views: list[tuple[int, str, str]] = []  # the last N views ever: (ts, event_id, item)
@@ -146,14 +173,9 @@ class UserState:
 
     def add(self, ev: Ev, spec: Spec) -> bool:
         """Fold one event in; False for a duplicate (then nothing downstream should see it)."""
-        if ev.event_id in self.seen:
+        if not self.seen.first(ev.event_id, ev.ts, spec.dedup_ms):
             return False
-        if ev.ts > self.newest:
-            self.newest = ev.ts
-            horizon = ev.ts - spec.dedup_ms
-            self.seen = {eid: ts for eid, ts in self.seen.items() if ts >= horizon}
-        if ev.ts >= self.newest - spec.dedup_ms:
-            self.seen[ev.event_id] = ev.ts
+        self.newest = max(self.newest, ev.ts)
         self.counts.add(ev.ts, ev.behavior, spec.pane_ms, spec.window_ms)
         if ev.category_id:
             self.categories.add(ev.ts, ev.category_id, spec.pane_ms, spec.window_ms)

@@ -1,0 +1,151 @@
+"""Feature catalogue speed; writes bench/results/features.json.
+
+1. Backfill throughput (events/s, whole command: staging + the PyFlink batch job) with the
+   default catalogue over the shared Taobao slice (when present) and over a generated log of
+   --generated events (the simulator, written to a temporary JSONL file first).
+2. Streaming throughput with catalogues of 0 (built-in views only), 10 and 40 definitions:
+   --stream-events are loaded into a topic, then the feature job starts; events/s = events /
+   (time from the first user row in Redis to the last event's user row).
+
+    python bench/features.py [--generated 5000000] [--stream-events 20000] [--skip-backfill]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from connectors.embedded import start_broker, start_redis
+from connectors.feast_redis import FeastRedisReader
+from connectors.kafka import EventProducer
+from connectors.simulator import simulate
+from features.definitions import FEATURE_VIEWS
+from features.store import apply
+from freshrec.config import Settings
+from freshrec.stack import start_feature_job, stop_group
+from jobs.backfill import backfill
+from jobs.topics import prepare_log
+
+TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior_timeslice_110k.csv"
+DAY = 86_400_000
+
+
+def catalogue(n: int) -> str:
+    """A catalogue of n definitions: counts, sums, distinct counts and last-N over all entity kinds."""
+    kinds = ["user", "item", "category", "user_category"]
+    aggs = ["Count()", "Sum(of={'view': 1, 'buy': 5})", "DistinctCount(of='item_id')", "LastN(of='item_id', n=5)",
+            "Max(of='ts')"]
+    windows = ["Sliding(size=td(hours=1), slide=td(minutes=5))", "Tumbling(size=td(hours=1))",
+               "Sliding(size=td(days=1), slide=td(hours=1))"]
+    lines = ["from datetime import timedelta as td", "from features.dsl import *"]
+    for i in range(n):
+        lines.append(f"f{i} = Feature(name='f{i}', entity={kinds[i % 4]}, aggregation={aggs[i % 5]}, "
+                     f"window={windows[i % 3]}, ttl=td(days=2), owner='bench', description='bench feature {i}')")
+    return "\n".join(lines) + "\n"
+
+
+def generated_log(n: int, path: Path) -> None:
+    with path.open("w") as f:
+        for i, e in enumerate(simulate(n, n_users=max(1000, n // 50), n_items=max(2000, n // 100), n_categories=50,
+                                       seed=7, events_per_second=100.0, start_ms=1_700_000_000_000)):
+            f.write(json.dumps(e, separators=(",", ":")) + "\n")
+            if i % 500_000 == 0 and i:
+                print(f"  generated {i:,} events", file=sys.stderr, flush=True)
+
+
+def bench_backfill(source: Path, tmp: Path, label: str) -> dict[str, Any]:
+    s = Settings(state_dir=tmp / f"backfill-{label}", feast_project=f"bench{label}")
+    t0 = time.monotonic()
+    report = backfill(s, [source], 0, 4_000_000_000_000, progress=False)
+    seconds = time.monotonic() - t0
+    staged = report.staged
+    assert staged is not None
+    return {"source": str(source), "events": staged.events, "days": len(report.days_written),
+            "seconds": round(seconds, 1), "events_per_s": round(staged.events / seconds)}
+
+
+def bench_stream(n_defs: int, events: list[dict[str, Any]], tmp: Path, broker: Any,
+                 redis_server: Any) -> dict[str, Any]:
+    cat = tmp / f"catalogue_{n_defs}.py"
+    cat.write_text(catalogue(n_defs))
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{broker.port}", redis_url=f"redis://127.0.0.1:{redis_server.port}/0",
+                 events_topic=f"b{n_defs}-events", dlq_topic=f"b{n_defs}-dlq", feast_project=f"b{n_defs}",
+                 state_dir=tmp / f"stream-{n_defs}", features=str(cat))
+    prepare_log(s)
+    apply(s)
+    with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
+        for e in events:
+            p.send(e)
+    reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
+    first_user, last = str(events[0]["user_id"]), events[-1]
+    job = start_feature_job(s, s.state_dir)
+    try:
+        deadline = time.monotonic() + 900
+        start = None
+        while time.monotonic() < deadline:
+            if start is None and reader.read([("user_recent", first_user)])[0]:
+                start = time.monotonic()
+            row = reader.read([("user_recent", str(last["user_id"]))])[0]
+            if start is not None and row and row.get("_event_ts_ms", 0) >= last["ts"]:
+                seconds = time.monotonic() - start
+                return {"definitions": n_defs, "events": len(events), "seconds": round(seconds, 1),
+                        "events_per_s": round(len(events) / seconds)}
+            if job.poll() is not None:
+                raise RuntimeError(f"feature job exited; see {s.state_dir}/feature_job.log")
+            time.sleep(0.05)
+        raise RuntimeError("the job did not finish within 15 minutes")
+    finally:
+        stop_group(job.pid)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--generated", type=int, default=5_000_000)
+    ap.add_argument("--stream-events", type=int, default=20_000)
+    ap.add_argument("--skip-backfill", action="store_true")
+    ap.add_argument("--skip-stream", action="store_true")
+    ap.add_argument("--out", default="bench/results/features.json")
+    args = ap.parse_args()
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                           "catalogue": "features.catalog (12 definitions)", "backfill": [], "stream": []}
+    with tempfile.TemporaryDirectory(prefix="freshrec-bench-") as d:
+        tmp = Path(d)
+        if not args.skip_stream:
+            broker, redis_server = start_broker(tmp / "broker"), start_redis(tmp / "redis")
+            try:
+                events = list(simulate(args.stream_events, n_users=500, n_items=2000, n_categories=30, seed=3,
+                                       events_per_second=50.0, start_ms=int(time.time() * 1000) - 3_600_000))
+                for n in (0, 10, 40):
+                    r = bench_stream(n, events, tmp, broker, redis_server)
+                    print(f"stream, {n} definitions: {r}", flush=True)
+                    out["stream"].append(r)
+            finally:
+                broker.stop()
+                redis_server.stop()
+        if not args.skip_backfill:
+            if TAOBAO.exists():
+                r = bench_backfill(TAOBAO, tmp, "taobao")
+                print(f"backfill, Taobao slice: {r}", flush=True)
+                out["backfill"].append(r)
+            if args.generated:
+                log = tmp / "generated.jsonl"
+                generated_log(args.generated, log)
+                r = bench_backfill(log, tmp, "generated")
+                print(f"backfill, generated: {r}", flush=True)
+                out["backfill"].append(r)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

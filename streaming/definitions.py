@@ -1,0 +1,202 @@
+"""The feature catalogue (features/dsl.py) compiled into PyFlink operators.
+
+    de-duplicated events -> per entity kind with definitions: key by its key -> Definitions
+                         '-> key by user -> CoVisitPairs -> key by item -> Definitions (pairs)
+    Definitions emit, per record, the entity's online row (streaming only) and, as the
+    horizon passes (watermark - allowed lateness; in batch, the end of input), a final row
+    per distinct event time: the rows the offline store keeps.
+
+The streaming job (jobs/feature_job.py) and the backfill (jobs/backfill.py) both call
+:func:`attach`: the same operators over the same implementation (streaming/aggregates.py),
+in streaming or in batch runtime mode.
+
+Why Python operators and not Flink SQL windows: a SQL window emits once the watermark passes
+its end and drops late rows silently. Apps need a value within a second of each event, and
+late events within the allowed lateness must still count (and correct the offline rows).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pyflink.common import Types
+from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
+from pyflink.datastream.state import ValueStateDescriptor
+
+from connectors.schema import dead_letter
+from features.dsl import KEY_SEPARATOR, CoVisitation, Definition, EntityKind, item, load
+from streaming.aggregates import EntityState, Plan, Rec
+from streaming.state import Ev, RecentViews, Seen, Spec
+
+DEFINED = "@"  # the feature-row "view" of catalogue values: one row carries every definition of an entity
+ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
+
+
+def _rec_type() -> Any:
+    return Types.TUPLE([Types.LONG(), *[Types.STRING()] * 6])
+
+
+REC = _rec_type()
+FINAL = OutputTag("final", Types.STRING())
+LATE = OutputTag("late", Types.STRING())
+TIMER_STEP_MS = 5000  # final rows leave in steps of this much event time: one timer per key and step
+
+
+def final_row(entity: str, ts: int, values: dict[str, Any]) -> str:
+    """A final row as the feature log carries it (connectors/offline_store.py reads it)."""
+    return json.dumps({"view": DEFINED, "entity": entity, "ts": ts, "values": values, "final": True},
+                      separators=(",", ":"))
+
+
+def plans(defs: list[Definition]) -> tuple[dict[EntityKind, list[Definition]], list[CoVisitation]]:
+    """Definitions by the entity kind whose events they read; co-visitation reads pairs."""
+    by_kind: dict[EntityKind, list[Definition]] = {}
+    covisits = [d for d in defs if isinstance(d, CoVisitation)]
+    for d in defs:
+        if not isinstance(d, CoVisitation):
+            by_kind.setdefault(d.entity_kind, []).append(d)
+    return by_kind, covisits
+
+
+def max_window_ms(defs: list[Definition]) -> int:
+    """How far back an entity's values reach: windows, plus the gap of co-visit pairs."""
+    out = 0
+    for d in defs:
+        window = getattr(d, "window", None)
+        if window is not None:
+            out = max(out, int((window.size + getattr(d, "gap", window.size * 0)).total_seconds() * 1000))
+    return out
+
+
+class Definitions(KeyedProcessFunction):
+    """One entity kind's definitions over its records; state: one EntityState per key."""
+
+    def __init__(self, catalogue: str, names: list[str], lateness_ms: int, online: bool) -> None:
+        # The catalogue is loaded again in the worker by name: an analyst's file is no importable module.
+        self.catalogue, self.names = catalogue, names
+        self.lateness_ms, self.online = lateness_ms, online
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        defs = [d for d in load(self.catalogue) if d.name in self.names]
+        self.plan = Plan.of(defs)
+        self.reach_ms = max_window_ms(defs)
+        self.state = runtime_context.get_state(ValueStateDescriptor("entity", Types.PICKLED_BYTE_ARRAY()))
+        self.timers: set[tuple[str, int]] = set()  # saves a call into Java per record; refilled after a restore
+
+    def _timer(self, ctx: KeyedProcessFunction.Context, key: str, at: int) -> None:
+        at = -(-at // TIMER_STEP_MS) * TIMER_STEP_MS
+        if (key, at) not in self.timers:
+            self.timers.add((key, at))
+            ctx.timer_service().register_event_time_timer(at)
+
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        r = Rec(*value)
+        key = ctx.get_current_key()
+        st: EntityState = self.state.value() or EntityState()
+        if not st.add(r, self.plan, self.online):
+            # Passed parsing but came after its time settled here (a watermark read slightly stale).
+            yield LATE, dead_letter(json.dumps(r._asdict()), f"ts: {r.ts} is behind the settled horizon of "
+                                    f"{key!r} ({st.horizon}); FRESHREC_ALLOWED_LATENESS_MS bounds lateness",
+                                    "feature_job").decode()
+            return
+        self.state.update(st)
+        # Settled once no event this old can be accepted any more.
+        self._timer(ctx, key, r.ts + self.lateness_ms + 1)
+        if self.online:
+            yield DEFINED, key, st.newest, json.dumps(st.online(self.plan))
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
+        key = ctx.get_current_key()
+        self.timers.discard((key, timestamp))
+        st: EntityState | None = self.state.value()
+        if st is None:
+            return
+        horizon = timestamp - self.lateness_ms - 1
+        for ts, values in st.settle(horizon, self.plan):
+            yield FINAL, final_row(key, ts, values)
+        if not st.open and horizon > st.newest + self.reach_ms:
+            self.state.clear()  # every window has emptied: a quiet entity costs nothing
+            return
+        self.state.update(st)
+        if not st.open:
+            self._timer(ctx, key, st.newest + self.reach_ms + self.lateness_ms + 2)
+
+
+class CoVisitPairs(KeyedProcessFunction):
+    """Per user: each view pairs with the user's other views within the gap (both ways)."""
+
+    def __init__(self, d: CoVisitation, lateness_ms: int) -> None:
+        gap = int(d.gap.total_seconds() * 1000)
+        self.spec = Spec(covisit_gap_ms=gap, covisit_keep_ms=gap + lateness_ms, covisit_max_views=d.max_views)
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.state = runtime_context.get_state(ValueStateDescriptor("views", Types.PICKLED_BYTE_ARRAY()))
+
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        r = Rec(*value)
+        if r.behavior != "view":
+            return
+        views: RecentViews = self.state.value() or RecentViews()
+        pairs = views.add(Ev(r.rid, r.user_id, r.item_id, r.behavior, r.ts, r.category_id), self.spec)
+        self.state.update(views)
+        for it, other, at in pairs:
+            yield at, f"{r.user_id}{KEY_SEPARATOR}{r.rid}", "view", r.user_id, it, "", other
+
+
+class Deduplicate(KeyedProcessFunction):
+    """Per user: each event id once (the streaming job's user operator does the same)."""
+
+    def __init__(self, dedup_ms: int) -> None:
+        self.dedup_ms = dedup_ms
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.state = runtime_context.get_state(ValueStateDescriptor("seen", Types.PICKLED_BYTE_ARRAY()))
+
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        seen: Seen = self.state.value() or Seen()
+        if seen.first(value[0], value[4], self.dedup_ms):
+            self.state.update(seen)
+            yield value
+
+
+def _to_rec(e: tuple) -> tuple:
+    event_id, user_id, item_id, behavior, ts, category_id = e[:6]
+    return ts, event_id, behavior, user_id, item_id, category_id or "", ""
+
+
+def _keyer(kind: EntityKind) -> Any:
+    fields = [Rec._fields.index(k) for k in kind.join_keys]
+    return lambda r: KEY_SEPARATOR.join(r[i] for i in fields)
+
+
+def _complete(kind: EntityKind) -> Any:
+    fields = [Rec._fields.index(k) for k in kind.join_keys]
+    return lambda r: all(r[i] for i in fields)
+
+
+def attach(events: Any, catalogue: str, lateness_ms: int, online: bool) -> tuple[list[Any], list[Any], list[Any]]:
+    """Wire the catalogue onto a stream of de-duplicated events (the job's EVENT tuples);
+    returns the online-row streams, the final-row streams and the late-record streams."""
+    defs = load(catalogue)
+    by_kind, covisits = plans(defs)
+    recs = events.map(_to_rec, output_type=REC).name("catalogue_records").uid("catalogue_records")
+    rows, finals, late = [], [], []
+
+    def run(stream: Any, kind: EntityKind, group: list[Definition], uid: str) -> None:
+        out = (stream.key_by(_keyer(kind), key_type=Types.STRING())
+               .process(Definitions(catalogue, [d.name for d in group], lateness_ms, online), output_type=ROW)
+               .name(uid).uid(uid))
+        rows.append(out)
+        finals.append(out.get_side_output(FINAL))
+        late.append(out.get_side_output(LATE))
+
+    for kind, group in by_kind.items():
+        stream = recs if kind.name in ("user", "item") else recs.filter(_complete(kind)).name(f"has_{kind}")
+        run(stream, kind, group, f"catalogue_{kind}")
+    for d in covisits:
+        pairs = (recs.key_by(lambda r: r[3], key_type=Types.STRING())
+                 .process(CoVisitPairs(d, lateness_ms), output_type=_rec_type())
+                 .name(f"pairs_{d.name}").uid(f"pairs_{d.name}"))
+        run(pairs, item, [d], f"catalogue_{d.name}")
+    return rows, finals, late
