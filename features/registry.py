@@ -58,8 +58,9 @@ def all_views(settings: Settings) -> list[FeatureView]:
 
 
 def expand(view: str, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A catalogue row (view ``@``) holds every definition of its entity: one per view."""
-    if view != "@":
+    """A catalogue row (view ``@<operator>``) holds every definition its operator computes for
+    the entity: one per view."""
+    if not view.startswith("@"):
         return [(view, values)]
     return [(name, {name: value}) for name, value in values.items()]
 

@@ -256,6 +256,9 @@ def backfill(s: Settings, sources: list[Path], start: int, end: int, fmt: str = 
     """Run the catalogue over ``sources`` for the days of [start, end); see the module docstring."""
     if end <= start:
         raise BackfillError(f"--to ({day_of(end)}) must come after --from ({day_of(start)})")
+    if end - start > 3660 * DAY_MS:
+        raise BackfillError(f"--from {day_of(start)} --to {day_of(end)} spans over ten years of days; give the "
+                            "range the logs cover")
     for p in sources:
         if not p.is_file():
             raise BackfillError(f"--source {p}: no such file")

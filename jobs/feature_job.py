@@ -333,7 +333,7 @@ class FeastSink(KeyedProcessFunction):
         view, entity, ts, payload = value
         self.buffer.put(f"{view}\x00{entity}", value)
         self.ticks.ensure(ctx, self.shard(entity, self.settings.parallelism))
-        if view not in (TRENDING_VIEW, DEFINED):  # the catalogue's final rows go to the log from its operators
+        if view != TRENDING_VIEW and not view.startswith(DEFINED):  # catalogue: final rows reach the log apart
             yield f'{{"view":"{view}","entity":{json.dumps(entity)},"ts":{ts},"values":{payload}}}'
 
     @staticmethod

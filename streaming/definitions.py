@@ -29,7 +29,10 @@ from features.dsl import KEY_SEPARATOR, CoVisitation, Definition, EntityKind, it
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.state import Ev, RecentViews, Seen, Spec
 
-DEFINED = "@"  # the feature-row "view" of catalogue values: one row carries every definition of an entity
+# The feature-row "view" of catalogue values is "@" + the operator's name: one row carries every
+# definition an operator computes for an entity (rows of one view and entity replace each other
+# while they wait for Redis, so each operator needs a view of its own).
+DEFINED = "@"
 ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
 
 
@@ -41,11 +44,12 @@ REC = _rec_type()
 FINAL = OutputTag("final", Types.STRING())
 LATE = OutputTag("late", Types.STRING())
 TIMER_STEP_MS = 5000  # final rows leave in steps of this much event time: one timer per key and step
+BATCH_END = 2**62
 
 
-def final_row(entity: str, ts: int, values: dict[str, Any]) -> str:
+def final_row(view: str, entity: str, ts: int, values: dict[str, Any]) -> str:
     """A final row as the feature log carries it (connectors/offline_store.py reads it)."""
-    return json.dumps({"view": DEFINED, "entity": entity, "ts": ts, "values": values, "final": True},
+    return json.dumps({"view": view, "entity": entity, "ts": ts, "values": values, "final": True},
                       separators=(",", ":"))
 
 
@@ -72,9 +76,9 @@ def max_window_ms(defs: list[Definition]) -> int:
 class Definitions(KeyedProcessFunction):
     """One entity kind's definitions over its records; state: one EntityState per key."""
 
-    def __init__(self, catalogue: str, names: list[str], lateness_ms: int, online: bool) -> None:
+    def __init__(self, catalogue: str, names: list[str], lateness_ms: int, online: bool, view: str) -> None:
         # The catalogue is loaded again in the worker by name: an analyst's file is no importable module.
-        self.catalogue, self.names = catalogue, names
+        self.catalogue, self.names, self.view = catalogue, names, view
         self.lateness_ms, self.online = lateness_ms, online
 
     def open(self, runtime_context: RuntimeContext) -> None:
@@ -83,6 +87,8 @@ class Definitions(KeyedProcessFunction):
         self.reach_ms = max_window_ms(defs)
         self.state = runtime_context.get_state(ValueStateDescriptor("entity", Types.PICKLED_BYTE_ARRAY()))
         self.timers: set[tuple[str, int]] = set()  # saves a call into Java per record; refilled after a restore
+        self.batch_key: str | None = None
+        self.batch_state = EntityState()
 
     def _timer(self, ctx: KeyedProcessFunction.Context, key: str, at: int) -> None:
         at = -(-at // TIMER_STEP_MS) * TIMER_STEP_MS
@@ -90,31 +96,49 @@ class Definitions(KeyedProcessFunction):
             self.timers.add((key, at))
             ctx.timer_service().register_event_time_timer(at)
 
+    def _load(self, key: str) -> EntityState:
+        if self.online:
+            return self.state.value() or EntityState()
+        # Batch: a key's records come together and nothing is checkpointed, so its state stays in
+        # memory (pickling it per record made the backfill quadratic in a key's records).
+        if self.batch_key != key:
+            self.batch_key, self.batch_state = key, EntityState()
+        return self.batch_state
+
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         r = Rec(*value)
         key = ctx.get_current_key()
-        st: EntityState = self.state.value() or EntityState()
+        st = self._load(key)
         if not st.add(r, self.plan, self.online):
             # Passed parsing but came after its time settled here (a watermark read slightly stale).
             yield LATE, dead_letter(json.dumps(r._asdict()), f"ts: {r.ts} is behind the settled horizon of "
                                     f"{key!r} ({st.horizon}); FRESHREC_ALLOWED_LATENESS_MS bounds lateness",
                                     "feature_job").decode()
             return
+        if not self.online:  # settled once, at the end of the key's input
+            self._timer(ctx, key, BATCH_END)
+            return
         self.state.update(st)
         # Settled once no event this old can be accepted any more.
         self._timer(ctx, key, r.ts + self.lateness_ms + 1)
-        if self.online:
-            yield DEFINED, key, st.newest, json.dumps(st.online(self.plan))
+        yield self.view, key, st.newest, json.dumps(st.online(self.plan))
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
         key = ctx.get_current_key()
         self.timers.discard((key, timestamp))
+        if not self.online:
+            if self.batch_key != key:  # would lose the key's records: Flink's batch mode no longer sorts by key
+                raise RuntimeError(f"batch timer for {key!r} after the records of {self.batch_key!r}")
+            for ts, values in self.batch_state.settle(timestamp, self.plan):
+                yield FINAL, final_row(self.view, key, ts, values)
+            self.batch_key = None
+            return
         st: EntityState | None = self.state.value()
         if st is None:
             return
         horizon = timestamp - self.lateness_ms - 1
         for ts, values in st.settle(horizon, self.plan):
-            yield FINAL, final_row(key, ts, values)
+            yield FINAL, final_row(self.view, key, ts, values)
         if not st.open and horizon > st.newest + self.reach_ms:
             self.state.clear()  # every window has emptied: a quiet entity costs nothing
             return
@@ -185,7 +209,8 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool) -> tuple
 
     def run(stream: Any, kind: EntityKind, group: list[Definition], uid: str) -> None:
         out = (stream.key_by(_keyer(kind), key_type=Types.STRING())
-               .process(Definitions(catalogue, [d.name for d in group], lateness_ms, online), output_type=ROW)
+               .process(Definitions(catalogue, [d.name for d in group], lateness_ms, online, DEFINED + uid),
+                        output_type=ROW)
                .name(uid).uid(uid))
         rows.append(out)
         finals.append(out.get_side_output(FINAL))

@@ -155,6 +155,12 @@ def test_analyst_feature_reaches_the_online_store(parity: dict[str, Any]) -> Non
                                                  "t_uc_newest:t_uc_newest"],
                                        entity_rows=[{"user_id": user, "category_id": "0"}]).to_dict()
     assert online["t_user_views"][0] is not None and online["t_user_last"][0]
+    # Every item's rows from two operators (its events, its co-visit pairs) reach the online store.
+    items = sorted({e["item_id"] for e in parity["events"] if e["item_id"].startswith("pi")})
+    both = store.get_online_features(features=["t_item_first:t_item_first", "t_covisit:t_covisit"],
+                                     entity_rows=[{"item_id": i} for i in items]).to_dict()
+    assert all(v is not None for v in both["t_item_first"])
+    assert sum(bool(v) for v in both["t_covisit"]) > len(items) // 2
 
 
 def test_point_in_time_reads_never_see_the_future(parity: dict[str, Any]) -> None:
