@@ -22,7 +22,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Array, Float64, Int64, String
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from features.dsl import KEY_SEPARATOR
+from features.dsl import key_parts
 
 KEY_SERIALIZATION_VERSION = 3
 
@@ -75,8 +75,8 @@ class ViewLayout:
 
     def key(self, project: str, entity: str) -> bytes:
         """``entity`` joins the parts of a composite key with KEY_SEPARATOR, in join-key order."""
-        parts = entity.split(KEY_SEPARATOR) if len(self.join_keys) > 1 else [entity]
-        ek = EntityKey(join_keys=list(self.join_keys), entity_values=[ValueProto(string_val=p) for p in parts])
+        ek = EntityKey(join_keys=list(self.join_keys),
+                       entity_values=[ValueProto(string_val=p) for p in key_parts(entity, len(self.join_keys))])
         return _redis_key(project, ek, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
 
 

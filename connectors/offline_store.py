@@ -21,6 +21,7 @@ import sys
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -31,7 +32,7 @@ from kafka.errors import KafkaError
 
 from connectors.kafka import consumer
 from connectors.log_epoch import EpochWatch
-from features.dsl import KEY_SEPARATOR
+from features.dsl import key_parts
 from features.registry import all_views, expand
 from features.store import repo_dir
 from freshrec.config import Settings
@@ -56,16 +57,25 @@ def records(row: dict[str, Any], views: dict[str, FeatureView]) -> list[tuple[st
     """A feature-log row as ``(view, date, Parquet record)``; a catalogue row gives one per
     definition. Views not in ``views`` (the trending list, definitions since removed) give none."""
     when = datetime.fromtimestamp(row["ts"] / 1000, tz=UTC)
+    day = when.strftime("%Y-%m-%d")
     out = []
     for name, values in expand(row["view"], row["values"]):
         fv = views.get(name)
         if fv is None:
             continue
         keys = [c.name for c in fv.entity_columns]
-        parts = row["entity"].split(KEY_SEPARATOR) if len(keys) > 1 else [row["entity"]]
-        out.append((name, when.strftime("%Y-%m-%d"), {**dict(zip(keys, parts, strict=True)),
-                                                      "event_timestamp": when, **values}))
+        ids = dict(zip(keys, key_parts(row["entity"], len(keys)), strict=True))
+        out.append((name, day, {**ids, "event_timestamp": when, **values}))
     return out
+
+
+def write_part(root: Path, view: str, day: str, name: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    """One Parquet file of a view's day, written whole: readers never see half a file."""
+    folder = root / view / f"date={day}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    tmp.rename(folder / f"{name}.parquet")
 
 
 class OfflineWriter:
@@ -74,9 +84,8 @@ class OfflineWriter:
     def __init__(self, settings: Settings, flush_rows: int = 50_000, flush_s: float = 5.0) -> None:
         self.settings = settings
         self.root = repo_dir(settings) / "offline"
-        views = all_views(settings)
-        self.views = {v.name: (v, arrow_schema(v)) for v in views}
-        self.feature_views = {v.name: v for v in views}
+        self.views = {v.name: v for v in all_views(settings)}
+        self.schemas = {name: arrow_schema(v) for name, v in self.views.items()}
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.consumer = consumer(settings.kafka_bootstrap, feature_log_topic(settings),
                                  group=offline_group(settings), enable_auto_commit=False)
@@ -87,7 +96,7 @@ class OfflineWriter:
         self.written = 0
 
     def add(self, raw: bytes, partition: int, offset: int, record_ms: int) -> None:
-        for view, day, record in records(json.loads(raw), self.feature_views):
+        for view, day, record in records(json.loads(raw), self.views):
             self.pending[(view, day)].append(record)
         self.first.setdefault(partition, (offset, record_ms))
         self.count += 1
@@ -98,13 +107,7 @@ class OfflineWriter:
             return 0
         tag = "_".join(f"{p}.{o}-{t}" for p, (o, t) in sorted(self.first.items()))
         for (name, day), rows in self.pending.items():
-            schema = self.views[name][1]
-            folder = self.root / name / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            table = pa.Table.from_pylist(rows, schema=schema)
-            tmp = folder / f".part-{tag}.parquet.tmp"
-            pq.write_table(table, tmp)
-            tmp.rename(folder / f"part-{tag}.parquet")  # readers never see half a file
+            write_part(self.root, name, day, f"part-{tag}", rows, self.schemas[name])
         try:
             self.consumer.commit()
         except KafkaError as exc:  # a rebalance or a broker restart: the rows are on disk either way

@@ -57,6 +57,12 @@ category = EntityKind("category", ("category_id",))
 user_category = EntityKind("user_category", ("user_id", "category_id"))
 ENTITY_KINDS = (user, item, category, user_category)
 KEY_SEPARATOR = "\x1f"  # between the parts of a composite key; the schema refuses control characters in ids
+DEFINED = "@"  # feature rows whose view starts with it hold catalogue values, one per definition
+
+
+def key_parts(entity: str, join_keys: int) -> list[str]:
+    """A key's values in join-key order (composite keys join them with KEY_SEPARATOR)."""
+    return entity.split(KEY_SEPARATOR) if join_keys > 1 else [entity]
 
 
 # --- windows -------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
             batch = from_offline(root, defs, "backfill-*.parquet")
             expected = sum(1 for v in batch.values() for t in v if t <= last)
             c = consumer(s.kafka_bootstrap, feature_log_topic(s))
-            lines: list[bytes] = []
+            stream: Series = {}
             deadline, n, shown = time.monotonic() + timeout_s, 0, 0.0
             while n < expected:
                 if job.poll() is not None:
@@ -171,14 +171,16 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
                 if time.monotonic() > deadline:
                     print(f"[parity] gave up waiting after {timeout_s:.0f}s: {n:,} of {expected:,} rows", flush=True)
                     break
-                for records in c.poll(timeout_ms=1000).values():
-                    lines.extend(r.value for r in records if b'"final":true' in r.value)
-                n = sum(1 for v in from_feature_log(lines, names).values() for t in v if t <= last)
+                for records in c.poll(timeout_ms=1000).values():  # counted as they come: the log is big
+                    for key, series in from_feature_log((r.value for r in records), names).items():
+                        known = stream.setdefault(key, {})
+                        n += sum(1 for t in series if t <= last and t not in known)
+                        known.update(series)
                 if time.monotonic() - shown > 5:
                     shown = time.monotonic()
                     print(f"[parity] stream: {n:,}/{expected:,} final rows", flush=True)
             c.close()
-            return compare(from_feature_log(lines, names), batch, until=last)
+            return compare(stream, batch, until=last)
         finally:
             if job is not None:
                 stop_group(job.pid)

@@ -14,8 +14,8 @@ from typing import Any
 from feast import FeatureView, Field, FileSource
 from feast.types import Array, Float64, Int64, String
 
-from features.definitions import ENTITIES, FEATURE_VIEWS, category, item, user
-from features.dsl import CoVisitation, Definition, Feature, Ratio, load
+from features.definitions import FEATURE_VIEWS, category, item, user
+from features.dsl import DEFINED, CoVisitation, Definition, Feature, Ratio, load
 from freshrec.config import Settings
 
 _DTYPES = {"int64": Int64, "float64": Float64, "array<string>": Array(String)}
@@ -52,15 +52,15 @@ def definition_views(defs: Iterable[Definition]) -> list[FeatureView]:
     return [feature_view(d) for d in defs]
 
 
-def all_views(settings: Settings) -> list[FeatureView]:
+def all_views(settings: Settings, defs: list[Definition] | None = None) -> list[FeatureView]:
     """Every feature view the job writes: the built-in ones and the catalogue's."""
-    return [*FEATURE_VIEWS, *definition_views(load(settings.features))]
+    return [*FEATURE_VIEWS, *definition_views(load(settings.features) if defs is None else defs)]
 
 
 def expand(view: str, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """A catalogue row (view ``@<operator>``) holds every definition its operator computes for
     the entity: one per view."""
-    if not view.startswith("@"):
+    if not view.startswith(DEFINED):
         return [(view, values)]
     return [(name, {name: value}) for name, value in values.items()]
 
@@ -122,7 +122,3 @@ def plan(defs: list[Definition], registered: list[FeatureView]) -> Plan:
     p.removed = sorted(have)
     return p
 
-
-def feast_objects(settings: Settings) -> tuple[list[Any], list[FeatureView]]:
-    """Entities and every view, for ``FeatureStore.apply``."""
-    return [*ENTITIES], all_views(settings)

@@ -44,11 +44,13 @@ def feature_store(settings: Settings) -> FeatureStore:
 def apply(settings: Settings) -> FeatureStore:
     """Register the entities and feature views (what `feast apply` does for features/repo),
     and delete catalogue views whose definitions are gone."""
+    from features.definitions import ENTITIES
     from features.dsl import load
-    from features.registry import feast_objects, plan
+    from features.registry import all_views, plan
 
     store = feature_store(settings)
-    entities, views = feast_objects(settings)
-    gone = plan(load(settings.features), store.list_feature_views()).removed
-    store.apply([*entities, *views], objects_to_delete=[store.get_feature_view(n) for n in gone], partial=False)
+    defs = load(settings.features)
+    gone = plan(defs, store.list_feature_views()).removed
+    store.apply([*ENTITIES, *all_views(settings, defs)], objects_to_delete=[store.get_feature_view(n) for n in gone],
+                partial=False)
     return store

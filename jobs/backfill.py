@@ -38,7 +38,8 @@ from connectors.schema import MIN_TS_MS, InvalidEvent, dead_letter, validate
 from features.dsl import Definition, load
 from features.store import repo_dir
 from freshrec.config import Settings
-from streaming.batch import DAY_MS, day_of, log
+from freshrec.stack import alive
+from streaming.batch import DAY_MS, Layout, day_of, log
 from streaming.definitions import max_window_ms
 
 NAME = "freshrec-backfill"
@@ -68,27 +69,6 @@ def catalogue_print(defs: list[Definition]) -> str:
     return hashlib.sha1("|".join(sorted(f"{d.name}={d.fingerprint()}" for d in defs)).encode()).hexdigest()[:12]
 
 
-@dataclass
-class Layout:
-    """Where a backfill writes and keeps its books."""
-
-    root: Path  # the Feast repo's offline/ folder
-
-    @property
-    def books(self) -> Path:
-        return self.root / "_backfill"
-
-    def manifest(self, day: str) -> Path:
-        return self.books / "partitions" / f"{day}.json"
-
-    def done(self, day: str, lo: int, hi: int, fingerprint: str) -> bool:
-        try:
-            m = json.loads(self.manifest(day).read_text())
-        except (OSError, ValueError):
-            return False
-        return m.get("catalogue") == fingerprint and m["from"] <= lo and m["to"] >= hi
-
-
 def days(start: int, end: int) -> list[tuple[str, int, int]]:
     """The UTC days of [start, end), each with the part of it asked for."""
     out = []
@@ -112,7 +92,7 @@ def exclusive(layout: Layout, start: int, end: int) -> Iterator[None]:
                 runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
             except ValueError:
                 runs = []
-            runs = [r for r in runs if _alive(r["pid"])]
+            runs = [r for r in runs if alive(r["pid"])]
             runs_file.write_text(json.dumps(change(runs)))
 
     def join(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,16 +110,6 @@ def exclusive(layout: Layout, start: int, end: int) -> Iterator[None]:
         yield
     finally:
         edit(lambda runs: [r for r in runs if r["pid"] != os.getpid()])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -286,11 +256,9 @@ def backfill(s: Settings, sources: list[Path], start: int, end: int, fmt: str = 
             f"{staged.outside:,} outside the range")
         if staged.events:
             run_job(s, staged, s.features, fingerprint, layout.root, todo, f"{int(time.time())}-{os.getpid()}")
-        missing = [d for d, (lo, hi) in todo.items() if not layout.done(d, lo, hi, fingerprint)]
-        for d in missing:  # days without events: done, and empty
-            layout.manifest(d).parent.mkdir(parents=True, exist_ok=True)
-            layout.manifest(d).write_text(json.dumps({"catalogue": fingerprint, "from": todo[d][0],
-                                                      "to": todo[d][1], "rows": {}, "run": "empty"}))
+        for d, (lo, hi) in todo.items():
+            if not layout.done(d, lo, hi, fingerprint):  # a day without events: done, and empty
+                layout.finish(d, fingerprint, lo, hi, {}, "empty")
         seconds = time.monotonic() - t0
         log(f"done in {seconds:.0f}s: {staged.events / seconds:,.0f} events/s over {len(todo)} days")
     if materialize:

@@ -56,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from connectors.log_epoch import Epoch, EpochWatch
 from connectors.schema import InvalidEvent, dead_letter, validate
 from features.definitions import trending_key
+from features.dsl import DEFINED
 from features.registry import expand
 from freshrec.config import Settings
 from jobs.topics import (
@@ -68,7 +69,7 @@ from jobs.topics import (
     topic_plan,
 )
 from online_learning.examples import ExampleBuilder
-from streaming.definitions import DEFINED, attach
+from streaming.definitions import attach
 from streaming.flink import environment
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,34 @@ def log(message: str) -> None:
 
 def day_of(ts: int) -> str:
     return datetime.fromtimestamp(ts / 1000, tz=UTC).strftime("%Y-%m-%d")
+
+
+@dataclass
+class Layout:
+    """Where a backfill writes and keeps its books."""
+
+    root: Path  # the Feast repo's offline/ folder
+
+    @property
+    def books(self) -> Path:
+        return self.root / "_backfill"
+
+    def manifest(self, day: str) -> Path:
+        return self.books / "partitions" / f"{day}.json"
+
+    def done(self, day: str, lo: int, hi: int, fingerprint: str) -> bool:
+        try:
+            m = json.loads(self.manifest(day).read_text())
+        except (OSError, ValueError):
+            return False
+        return m.get("catalogue") == fingerprint and m["from"] <= lo and m["to"] >= hi
+
+    def finish(self, day: str, fingerprint: str, lo: int, hi: int, rows: dict[str, int], run: str) -> None:
+        """Mark a day done for this catalogue over [lo, hi)."""
+        path = self.manifest(day)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"catalogue": fingerprint, "from": lo, "to": hi, "rows": rows, "run": run,
+                                    "finished": datetime.now(UTC).isoformat(timespec="seconds")}))
 
 
 def staged_event(line: str) -> tuple:
@@ -71,7 +100,7 @@ class PartitionWriter(KeyedProcessFunction):
         self.started = runtime_context.get_state(ValueStateDescriptor("started", Types.BOOLEAN()))
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.count: dict[str, int] = {}
-        self.chunks = 0
+        self.chunks = self.waiting = 0
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         from connectors.offline_store import records
@@ -79,7 +108,7 @@ class PartitionWriter(KeyedProcessFunction):
         day, payload = value
         if not self.started.value():  # first row of the day (batch mode: days come one after another)
             self.started.update(True)
-            self.rows, self.count, self.chunks = {}, {}, 0
+            self.rows, self.count, self.chunks, self.waiting = {}, {}, 0, 0
             for old in Path(self.root).glob(f"*/date={day}/backfill-*.parquet"):
                 old.unlink()  # an earlier run's rows of this day, complete or not
             ctx.timer_service().register_event_time_timer(2**62)
@@ -90,30 +119,21 @@ class PartitionWriter(KeyedProcessFunction):
         for view, _, record in records(row, self.views):
             self.rows.setdefault(view, []).append(record)
             self.count[view] = self.count.get(view, 0) + 1
-        if sum(len(r) for r in self.rows.values()) >= self.CHUNK:
+            self.waiting += 1
+        if self.waiting >= self.CHUNK:
             self._write(day)
 
     def _write(self, day: str) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from connectors.offline_store import arrow_schema
+        from connectors.offline_store import arrow_schema, write_part
 
         for view, rows in self.rows.items():
-            folder = Path(self.root) / view / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".backfill-{self.run}-{self.chunks}.parquet.tmp"
-            pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(self.views[view])), tmp)
-            tmp.rename(folder / f"backfill-{self.run}-{self.chunks}.parquet")
-        self.rows, self.chunks = {}, self.chunks + 1
+            write_part(Path(self.root), view, day, f"backfill-{self.run}-{self.chunks}", rows,
+                       arrow_schema(self.views[view]))
+        self.rows, self.chunks, self.waiting = {}, self.chunks + 1, 0
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
         day = ctx.get_current_key()
         self._write(day)
-        lo, hi = self.todo[day]
-        manifest = Path(self.root) / "_backfill" / "partitions" / f"{day}.json"
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps({"catalogue": self.fingerprint, "from": lo, "to": hi, "rows": self.count,
-                                        "run": self.run, "finished": datetime.now(UTC).isoformat(timespec="seconds")}))
+        Layout(Path(self.root)).finish(day, self.fingerprint, *self.todo[day], self.count, self.run)
         log(f"day {day} written: {sum(self.count.values()):,} rows over {len(self.count)} definitions")
         return []

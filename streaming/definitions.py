@@ -18,6 +18,7 @@ late events within the allowed lateness must still count (and correct the offlin
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 from pyflink.common import Types
@@ -25,14 +26,13 @@ from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from connectors.schema import dead_letter
-from features.dsl import KEY_SEPARATOR, CoVisitation, Definition, EntityKind, item, load
+from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, item, load
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.state import Ev, RecentViews, Seen, Spec
 
-# The feature-row "view" of catalogue values is "@" + the operator's name: one row carries every
-# definition an operator computes for an entity (rows of one view and entity replace each other
-# while they wait for Redis, so each operator needs a view of its own).
-DEFINED = "@"
+# The feature-row "view" of catalogue values is DEFINED + the operator's name: one row carries
+# every definition an operator computes for an entity (rows of one view and entity replace each
+# other while they wait for Redis, so each operator needs a view of its own).
 ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
 
 
@@ -65,12 +65,9 @@ def plans(defs: list[Definition]) -> tuple[dict[EntityKind, list[Definition]], l
 
 def max_window_ms(defs: list[Definition]) -> int:
     """How far back an entity's values reach: windows, plus the gap of co-visit pairs."""
-    out = 0
-    for d in defs:
-        window = getattr(d, "window", None)
-        if window is not None:
-            out = max(out, int((window.size + getattr(d, "gap", window.size * 0)).total_seconds() * 1000))
-    return out
+    reach = [d.window.size + (d.gap if isinstance(d, CoVisitation) else timedelta(0))
+             for d in defs if isinstance(d, Feature | CoVisitation)]
+    return int(max(reach, default=timedelta(0)).total_seconds() * 1000)
 
 
 class Definitions(KeyedProcessFunction):

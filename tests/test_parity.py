@@ -23,8 +23,9 @@ from features.dsl import load
 from features.parity import compare, from_feature_log, from_offline
 from features.store import apply, feature_store
 from freshrec.config import Settings
-from jobs.backfill import BackfillError, Layout, backfill, exclusive
+from jobs.backfill import BackfillError, backfill, exclusive
 from jobs.topics import feature_log_topic
+from streaming.batch import Layout
 from tests.conftest import JobProcess, wait_until
 
 CATALOGUE = '''
