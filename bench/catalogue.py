@@ -54,13 +54,23 @@ def catalogue(n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generated_log(n: int, path: Path) -> None:
+def generated_log(n: int, path: Path) -> int:
+    """n simulated events written as JSONL; returns the last event time. Shaped like Taobao's
+    full UserBehavior log (about 100 events per user, 25 per item): users come back in short
+    sessions spread over a day and a half, so a view pairs with a few others (~5 co-visit pairs
+    per event), not with the user's whole history (the simulator's demo settings pack 50 events
+    per user into 30 minutes: ~38 pairs per event)."""
+    rate = n / (5 * DAY / 1000)  # the simulator's sessions compress this to ~1.5 days of event time
+    last = START_MS
     with path.open("w") as f:
-        for i, e in enumerate(simulate(n, n_users=max(1000, n // 50), n_items=max(2000, n // 100), n_categories=50,
-                                       seed=7, events_per_second=100.0, start_ms=START_MS)):
+        for i, e in enumerate(simulate(n, n_users=max(1000, n // 100), n_items=max(2000, n // 25),
+                                       n_categories=max(50, n // 10_000), seed=7, events_per_second=rate,
+                                       start_ms=START_MS)):
             f.write(json.dumps(e, separators=(",", ":")) + "\n")
+            last = e["ts"]
             if i % 500_000 == 0 and i:
                 print(f"  generated {i:,} events", file=sys.stderr, flush=True)
+    return last
 
 
 def bench_backfill(source: Path, tmp: Path, label: str, start: int, end: int) -> dict[str, Any]:
@@ -118,8 +128,12 @@ def main() -> int:
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--out", default="bench/results/catalogue.json")
     args = ap.parse_args()
+    # What this run skips keeps the figures of an earlier run.
+    before = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                           "catalogue": "features.catalog (12 definitions)", "backfill": [], "stream": []}
+                           "catalogue": "features.catalog (12 definitions)",
+                           "backfill": [] if not args.skip_backfill else before.get("backfill", []),
+                           "stream": [] if not args.skip_stream else before.get("stream", [])}
 
     def save() -> None:  # after every figure: a long run that stops keeps what it measured
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -134,9 +148,8 @@ def main() -> int:
                 save()
             if args.generated:
                 log = tmp / "generated.jsonl"
-                generated_log(args.generated, log)
-                start = START_MS - START_MS % DAY
-                r = bench_backfill(log, tmp, "generated", start, START_MS + args.generated * 10 + 2 * DAY)
+                last = generated_log(args.generated, log)
+                r = bench_backfill(log, tmp, "generated", START_MS - START_MS % DAY, last + DAY - last % DAY)
                 print(f"backfill, generated: {r}", flush=True)
                 out["backfill"].append(r)
                 save()

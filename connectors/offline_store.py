@@ -20,20 +20,17 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from feast import FeatureView
 from feast.types import Array, Float64, Int64, String
 from kafka.errors import KafkaError
 
 from connectors.kafka import consumer
 from connectors.log_epoch import EpochWatch
-from features.dsl import key_parts
-from features.registry import all_views, expand
+from connectors.offline_files import records, write_part
+from features.registry import all_views
 from features.store import repo_dir
 from freshrec.config import Settings
 from jobs.topics import epoch_topic, feature_log_topic, offline_group, topic_plan
@@ -53,29 +50,8 @@ def arrow_schema(view: FeatureView) -> pa.Schema:
     return pa.schema([*keys, pa.field("event_timestamp", pa.timestamp("ms", tz="UTC")), *features])
 
 
-def records(row: dict[str, Any], views: dict[str, FeatureView]) -> list[tuple[str, str, dict[str, Any]]]:
-    """A feature-log row as ``(view, date, Parquet record)``; a catalogue row gives one per
-    definition. Views not in ``views`` (the trending list, definitions since removed) give none."""
-    when = datetime.fromtimestamp(row["ts"] / 1000, tz=UTC)
-    day = when.strftime("%Y-%m-%d")
-    out = []
-    for name, values in expand(row["view"], row["values"]):
-        fv = views.get(name)
-        if fv is None:
-            continue
-        keys = [c.name for c in fv.entity_columns]
-        ids = dict(zip(keys, key_parts(row["entity"], len(keys)), strict=True))
-        out.append((name, day, {**ids, "event_timestamp": when, **values}))
-    return out
-
-
-def write_part(root: Path, view: str, day: str, name: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
-    """One Parquet file of a view's day, written whole: readers never see half a file."""
-    folder = root / view / f"date={day}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    tmp.rename(folder / f"{name}.parquet")
+def join_keys(view: FeatureView) -> list[str]:
+    return [c.name for c in view.entity_columns]
 
 
 class OfflineWriter:
@@ -84,8 +60,9 @@ class OfflineWriter:
     def __init__(self, settings: Settings, flush_rows: int = 50_000, flush_s: float = 5.0) -> None:
         self.settings = settings
         self.root = repo_dir(settings) / "offline"
-        self.views = {v.name: v for v in all_views(settings)}
-        self.schemas = {name: arrow_schema(v) for name, v in self.views.items()}
+        views = all_views(settings)
+        self.keys = {v.name: join_keys(v) for v in views}
+        self.schemas = {v.name: arrow_schema(v) for v in views}
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.consumer = consumer(settings.kafka_bootstrap, feature_log_topic(settings),
                                  group=offline_group(settings), enable_auto_commit=False)
@@ -96,7 +73,7 @@ class OfflineWriter:
         self.written = 0
 
     def add(self, raw: bytes, partition: int, offset: int, record_ms: int) -> None:
-        for view, day, record in records(json.loads(raw), self.views):
+        for view, day, record in records(json.loads(raw), self.keys):
             self.pending[(view, day)].append(record)
         self.first.setdefault(partition, (offset, record_ms))
         self.count += 1

@@ -65,6 +65,14 @@ def key_parts(entity: str, join_keys: int) -> list[str]:
     return entity.split(KEY_SEPARATOR) if join_keys > 1 else [entity]
 
 
+def expand(view: str, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A catalogue row (view ``@<operator>``) holds every definition its operator computes for
+    the entity: one per view."""
+    if not view.startswith(DEFINED):
+        return [(view, values)]
+    return [(name, {name: value}) for name, value in values.items()]
+
+
 # --- windows -------------------------------------------------------------------------------
 
 def _fmt(d: timedelta) -> str:

@@ -24,8 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from features.dsl import KEY_SEPARATOR, Definition
-from features.registry import expand
+from features.dsl import KEY_SEPARATOR, Definition, expand
 from freshrec.config import Settings
 
 Series = dict[tuple[str, str], dict[int, Any]]  # (definition, entity) -> ts ms -> value

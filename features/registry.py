@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 from feast import FeatureView, Field, FileSource
 from feast.types import Array, Float64, Int64, String
 
 from features.definitions import FEATURE_VIEWS, category, item, user
-from features.dsl import DEFINED, CoVisitation, Definition, Feature, Ratio, load
+from features.dsl import CoVisitation, Definition, Feature, Ratio, load
 from freshrec.config import Settings
 
 _DTYPES = {"int64": Int64, "float64": Float64, "array<string>": Array(String)}
@@ -55,14 +54,6 @@ def definition_views(defs: Iterable[Definition]) -> list[FeatureView]:
 def all_views(settings: Settings, defs: list[Definition] | None = None) -> list[FeatureView]:
     """Every feature view the job writes: the built-in ones and the catalogue's."""
     return [*FEATURE_VIEWS, *definition_views(load(settings.features) if defs is None else defs)]
-
-
-def expand(view: str, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A catalogue row (view ``@<operator>``) holds every definition its operator computes for
-    the entity: one per view."""
-    if not view.startswith(DEFINED):
-        return [(view, values)]
-    return [(name, {name: value}) for name, value in values.items()]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import FrameType
 
@@ -443,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     from connectors.kafka import BrokerError
 
     args = parser().parse_args(argv)
+    # PyFlink's own modules warn about PyFlink's deprecated APIs on import: nothing a user can act on.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"pyflink(\.|$)")
     try:
         return int(args.func(args))
     except (UserError, ConfigError, ServiceError, BrokerError, ValueError) as exc:

@@ -3,8 +3,9 @@
     log files -> validate; refuse what the stream would refuse (bad rows, too late in file order)
       -> staged events (one tab-separated file)
       -> PyFlink, batch runtime mode: key by user -> de-duplicate -> the catalogue's operators
-         (streaming/definitions.py, the very ones the streaming job runs) -> final rows
-      -> key by day -> Parquet under offline/<definition>/date=YYYY-MM-DD/ (Feast's FileSources)
+         (streaming/definitions.py, the very ones the streaming job runs) -> their final rows,
+         written by each operator as Parquet under offline/<definition>/date=YYYY-MM-DD/
+         (Feast's FileSources) -> a manifest per day once the job is done
     and optionally Feast's materialize of the newest values into the online store.
 
 A day is done when its manifest (offline/_backfill/partitions/<day>.json) says so for the
@@ -196,16 +197,18 @@ def run_job(s: Settings, staged: Staged, catalogue: str, fingerprint: str, root:
     unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
               .process(Deduplicate(s.allowed_lateness_ms + s.out_of_orderness_ms), output_type=EVENT)
               .name("deduplicate"))
-    _, finals, _ = attach(unique, catalogue, s.allowed_lateness_ms, online=False)
-    first, *rest = finals
-    days_todo = set(todo)
-    (first.union(*rest) if rest else first) \
-        .map(lambda r: (batch.day_of(json.loads(r)["ts"]), r),
-             output_type=Types.TUPLE([Types.STRING(), Types.STRING()])) \
-        .filter(lambda r: r[0] in days_todo) \
-        .key_by(lambda r: r[0], key_type=Types.STRING()) \
-        .process(batch.PartitionWriter(str(root), catalogue, fingerprint, todo, run)).name("parquet")
-    env.execute(NAME)
+    from connectors.offline_store import arrow_schema, join_keys
+    from features.registry import definition_views
+
+    layouts = {v.name: (join_keys(v), arrow_schema(v)) for v in definition_views(load(catalogue))}
+    files = batch.DayFiles(str(root), layouts, todo, run)
+    attach(unique, catalogue, s.allowed_lateness_ms, online=False, files=files)
+    try:
+        env.execute(NAME)
+    except Exception as exc:  # py4j's Py4JJavaError: pages of Java stack, the cause at the bottom
+        causes = [line.strip() for line in str(exc).splitlines() if line.startswith("Caused by:")]
+        raise BackfillError(f"the PyFlink batch job failed: {causes[-1] if causes else exc}; nothing of this run "
+                            "is marked done, so running the same command again redoes it") from None
 
 
 @dataclass
@@ -254,11 +257,16 @@ def backfill(s: Settings, sources: list[Path], start: int, end: int, fmt: str = 
         staged = stage(sources, fmt, first - reach, end, s, Path(tmp) / "events.tsv", rejected, progress)
         log(f"staged {staged.events:,} events; refused {staged.refused:,} ({staged.late:,} late) -> {rejected}; "
             f"{staged.outside:,} outside the range")
+        run = f"{int(time.time())}-{os.getpid()}"
+        for d in todo:
+            for old in layout.root.glob(f"*/date={d}/backfill-*.parquet"):
+                old.unlink()  # an earlier run's rows of this day, complete or not
         if staged.events:
-            run_job(s, staged, s.features, fingerprint, layout.root, todo, f"{int(time.time())}-{os.getpid()}")
-        for d, (lo, hi) in todo.items():
-            if not layout.done(d, lo, hi, fingerprint):  # a day without events: done, and empty
-                layout.finish(d, fingerprint, lo, hi, {}, "empty")
+            run_job(s, staged, s.features, fingerprint, layout.root, todo, run)
+        for d, (lo, hi) in sorted(todo.items()):
+            rows = layout.rows(d, run)
+            layout.finish(d, fingerprint, lo, hi, rows, run if rows else "empty")
+            log(f"day {d} written: {sum(rows.values()):,} rows over {len(rows)} definitions")
         seconds = time.monotonic() - t0
         log(f"done in {seconds:.0f}s: {staged.events / seconds:,.0f} events/s over {len(todo)} days")
     if materialize:

@@ -13,11 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pyflink.common import Types
-from pyflink.datastream import KeyedProcessFunction, RuntimeContext
-from pyflink.datastream.state import ValueStateDescriptor
-
-from features.dsl import load
+from connectors.offline_files import records, write_part
 
 DAY_MS = 86_400_000
 
@@ -49,6 +45,16 @@ class Layout:
         except (OSError, ValueError):
             return False
         return m.get("catalogue") == fingerprint and m["from"] <= lo and m["to"] >= hi
+
+    def rows(self, day: str, run: str) -> dict[str, int]:
+        """Rows per definition that ``run`` wrote for ``day`` (from the Parquet footers)."""
+        import pyarrow.parquet as pq
+
+        out: dict[str, int] = {}
+        for f in sorted(self.root.glob(f"*/date={day}/backfill-{run}-*.parquet")):
+            view = f.parent.parent.name
+            out[view] = out.get(view, 0) + pq.ParquetFile(f).metadata.num_rows
+        return out
 
     def finish(self, day: str, fingerprint: str, lo: int, hi: int, rows: dict[str, int], run: str) -> None:
         """Mark a day done for this catalogue over [lo, hi)."""
@@ -83,57 +89,39 @@ class Progress:
         return value
 
 
-class PartitionWriter(KeyedProcessFunction):
-    """Keyed by day: collects the day's final rows, writes them per definition in chunks, then
-    the day's manifest (batch mode hands it one day after another)."""
+class DayFiles:
+    """Where the backfill's catalogue operators put their final rows: each operator instance
+    writes the rows of the days asked for straight to Parquet, per definition and day, in
+    chunks. Sending them on through Flink to a writer cost more than computing them.
 
-    CHUNK = 200_000
+    ``layouts``: per definition, its join-key columns and Arrow schema (from Feast, in the driver).
+    """
 
-    def __init__(self, root: str, catalogue: str, fingerprint: str, todo: dict[str, tuple[int, int]],
+    CHUNK = 100_000
+
+    def __init__(self, root: str, layouts: dict[str, tuple[list[str], Any]], todo: dict[str, tuple[int, int]],
                  run: str) -> None:
-        self.root, self.catalogue, self.fingerprint, self.todo, self.run = root, catalogue, fingerprint, todo, run
+        self.root, self.todo, self.run = root, todo, run
+        self.keys = {name: keys for name, (keys, _) in layouts.items()}
+        self.schemas = {name: schema for name, (_, schema) in layouts.items()}
 
-    def open(self, runtime_context: RuntimeContext) -> None:
-        from features.registry import definition_views
+    def open(self, name: str) -> None:
+        """In the worker; ``name`` tells this operator instance's files apart."""
+        self.name, self.chunks, self.waiting = name, 0, 0
+        self.rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
-        self.views = {v.name: v for v in definition_views(load(self.catalogue))}
-        self.started = runtime_context.get_state(ValueStateDescriptor("started", Types.BOOLEAN()))
-        self.rows: dict[str, list[dict[str, Any]]] = {}
-        self.count: dict[str, int] = {}
-        self.chunks = self.waiting = 0
-
-    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        from connectors.offline_store import records
-
-        day, payload = value
-        if not self.started.value():  # first row of the day (batch mode: days come one after another)
-            self.started.update(True)
-            self.rows, self.count, self.chunks, self.waiting = {}, {}, 0, 0
-            for old in Path(self.root).glob(f"*/date={day}/backfill-*.parquet"):
-                old.unlink()  # an earlier run's rows of this day, complete or not
-            ctx.timer_service().register_event_time_timer(2**62)
-        lo, hi = self.todo[day]
-        row = json.loads(payload)
-        if not lo <= row["ts"] < hi:
-            return
-        for view, _, record in records(row, self.views):
-            self.rows.setdefault(view, []).append(record)
-            self.count[view] = self.count.get(view, 0) + 1
+    def add(self, view: str, entity: str, ts: int, values: dict[str, Any]) -> None:
+        for name, day, record in records({"view": view, "entity": entity, "ts": ts, "values": values}, self.keys):
+            bounds = self.todo.get(day)
+            if bounds is None or not bounds[0] <= ts < bounds[1]:
+                return  # read only for the values of the days asked for
+            self.rows.setdefault((name, day), []).append(record)
             self.waiting += 1
         if self.waiting >= self.CHUNK:
-            self._write(day)
+            self.flush()
 
-    def _write(self, day: str) -> None:
-        from connectors.offline_store import arrow_schema, write_part
-
-        for view, rows in self.rows.items():
-            write_part(Path(self.root), view, day, f"backfill-{self.run}-{self.chunks}", rows,
-                       arrow_schema(self.views[view]))
+    def flush(self) -> None:
+        for (view, day), rows in self.rows.items():
+            write_part(Path(self.root), view, day, f"backfill-{self.run}-{self.name}-{self.chunks}", rows,
+                       self.schemas[view])
         self.rows, self.chunks, self.waiting = {}, self.chunks + 1, 0
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
-        day = ctx.get_current_key()
-        self._write(day)
-        Layout(Path(self.root)).finish(day, self.fingerprint, *self.todo[day], self.count, self.run)
-        log(f"day {day} written: {sum(self.count.values()):,} rows over {len(self.count)} definitions")
-        return []

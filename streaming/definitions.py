@@ -18,8 +18,9 @@ late events within the allowed lateness must still count (and correct the offlin
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
@@ -29,6 +30,9 @@ from connectors.schema import dead_letter
 from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, item, load
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.state import Ev, RecentViews, Seen, Spec
+
+if TYPE_CHECKING:
+    from streaming.batch import DayFiles  # pyarrow: only the backfill's workers load it
 
 # The feature-row "view" of catalogue values is DEFINED + the operator's name: one row carries
 # every definition an operator computes for an entity (rows of one view and entity replace each
@@ -73,10 +77,11 @@ def max_window_ms(defs: list[Definition]) -> int:
 class Definitions(KeyedProcessFunction):
     """One entity kind's definitions over its records; state: one EntityState per key."""
 
-    def __init__(self, catalogue: str, names: list[str], lateness_ms: int, online: bool, view: str) -> None:
+    def __init__(self, catalogue: str, names: list[str], lateness_ms: int, online: bool, view: str,
+                 files: DayFiles | None = None) -> None:
         # The catalogue is loaded again in the worker by name: an analyst's file is no importable module.
         self.catalogue, self.names, self.view = catalogue, names, view
-        self.lateness_ms, self.online = lateness_ms, online
+        self.lateness_ms, self.online, self.files = lateness_ms, online, files
 
     def open(self, runtime_context: RuntimeContext) -> None:
         defs = [d for d in load(self.catalogue) if d.name in self.names]
@@ -86,6 +91,13 @@ class Definitions(KeyedProcessFunction):
         self.timers: set[tuple[str, int]] = set()  # saves a call into Java per record; refilled after a restore
         self.batch_key: str | None = None
         self.batch_state = EntityState()
+        if self.files:
+            # get_index_of_this_subtask() fails in thread mode (PyFlink 2.3 calls a removed Java method).
+            self.files.open(f"{self.view[1:]}-{uuid.uuid4().hex[:8]}")
+
+    def close(self) -> None:
+        if self.files:
+            self.files.flush()
 
     def _timer(self, ctx: KeyedProcessFunction.Context, key: str, at: int) -> None:
         at = -(-at // TIMER_STEP_MS) * TIMER_STEP_MS
@@ -127,7 +139,10 @@ class Definitions(KeyedProcessFunction):
             if self.batch_key != key:  # would lose the key's records: Flink's batch mode no longer sorts by key
                 raise RuntimeError(f"batch timer for {key!r} after the records of {self.batch_key!r}")
             for ts, values in self.batch_state.settle(timestamp, self.plan):
-                yield FINAL, final_row(self.view, key, ts, values)
+                if self.files:
+                    self.files.add(self.view, key, ts, values)
+                else:
+                    yield FINAL, final_row(self.view, key, ts, values)
             self.batch_key = None
             return
         st: EntityState | None = self.state.value()
@@ -196,9 +211,11 @@ def _complete(kind: EntityKind) -> Any:
     return lambda r: all(r[i] for i in fields)
 
 
-def attach(events: Any, catalogue: str, lateness_ms: int, online: bool) -> tuple[list[Any], list[Any], list[Any]]:
+def attach(events: Any, catalogue: str, lateness_ms: int, online: bool,
+           files: DayFiles | None = None) -> tuple[list[Any], list[Any], list[Any]]:
     """Wire the catalogue onto a stream of de-duplicated events (the job's EVENT tuples);
-    returns the online-row streams, the final-row streams and the late-record streams."""
+    returns the online-row streams, the final-row streams (empty when ``files`` writes the
+    final rows instead) and the late-record streams."""
     defs = load(catalogue)
     by_kind, covisits = plans(defs)
     recs = events.map(_to_rec, output_type=REC).name("catalogue_records").uid("catalogue_records")
@@ -206,11 +223,12 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool) -> tuple
 
     def run(stream: Any, kind: EntityKind, group: list[Definition], uid: str) -> None:
         out = (stream.key_by(_keyer(kind), key_type=Types.STRING())
-               .process(Definitions(catalogue, [d.name for d in group], lateness_ms, online, DEFINED + uid),
+               .process(Definitions(catalogue, [d.name for d in group], lateness_ms, online, DEFINED + uid, files),
                         output_type=ROW)
                .name(uid).uid(uid))
         rows.append(out)
-        finals.append(out.get_side_output(FINAL))
+        if files is None:
+            finals.append(out.get_side_output(FINAL))
         late.append(out.get_side_output(LATE))
 
     for kind, group in by_kind.items():
