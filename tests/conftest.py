@@ -21,7 +21,7 @@ from connectors.feast_redis import FeastRedisReader
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
-from freshrec.stack import start_feature_job
+from freshrec.stack import start_feature_job, stop_group
 from jobs.topics import prepare_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +104,11 @@ class JobProcess:
             pass
         self.proc.wait(60)
 
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL: a JVM stuck in its shutdown hooks used to outlive pytest."""
+        stop_group(self.proc.pid)
+        self.proc.wait(10)
+
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise AssertionError(f"feature job exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
@@ -115,7 +120,7 @@ def shared(make_settings: Callable[[str], Settings]) -> Iterator[Settings]:
     settings = make_settings("shared")
     job = JobProcess(settings)
     yield settings
-    job.kill(signal.SIGTERM)
+    job.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,7 +118,7 @@ def parity(make_settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
                "events": events, "until": real_end, "defs": defs,
                "refused": refused}
     finally:
-        job.kill(signal.SIGTERM)
+        job.stop()
 
 
 def test_stream_and_backfill_give_identical_values(parity: dict[str, Any]) -> None:
