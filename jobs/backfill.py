@@ -35,12 +35,14 @@ from typing import Any
 from tqdm import tqdm
 
 from connectors.logfile import detect_format, open_log
+from connectors.offline_store import arrow_schema, join_keys
 from connectors.schema import MIN_TS_MS, InvalidEvent, dead_letter, validate
 from features.dsl import Definition, load
+from features.registry import definition_views
 from features.store import repo_dir
 from freshrec.config import Settings
 from freshrec.stack import alive
-from streaming.batch import DAY_MS, Layout, day_of, log
+from streaming.batch import DAY_MS, DayFiles, Layout, day_of, log
 from streaming.definitions import max_window_ms
 
 NAME = "freshrec-backfill"
@@ -171,8 +173,7 @@ def stage(sources: list[Path], fmt: str, lo: int, hi: int, s: Settings, into: Pa
     return st
 
 
-def run_job(s: Settings, staged: Staged, catalogue: str, fingerprint: str, root: Path,
-            todo: dict[str, tuple[int, int]], run: str) -> None:
+def run_job(s: Settings, staged: Staged, files: DayFiles) -> None:
     from pyflink.common import Duration, Types, WatermarkStrategy
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
@@ -197,12 +198,7 @@ def run_job(s: Settings, staged: Staged, catalogue: str, fingerprint: str, root:
     unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
               .process(Deduplicate(s.allowed_lateness_ms + s.out_of_orderness_ms), output_type=EVENT)
               .name("deduplicate"))
-    from connectors.offline_store import arrow_schema, join_keys
-    from features.registry import definition_views
-
-    layouts = {v.name: (join_keys(v), arrow_schema(v)) for v in definition_views(load(catalogue))}
-    files = batch.DayFiles(str(root), layouts, todo, run)
-    attach(unique, catalogue, s.allowed_lateness_ms, online=False, files=files)
+    attach(unique, s.features, s.allowed_lateness_ms, online=False, files=files)
     try:
         env.execute(NAME)
     except Exception as exc:  # py4j's Py4JJavaError: pages of Java stack, the cause at the bottom
@@ -262,7 +258,8 @@ def backfill(s: Settings, sources: list[Path], start: int, end: int, fmt: str = 
             for old in layout.root.glob(f"*/date={d}/backfill-*.parquet"):
                 old.unlink()  # an earlier run's rows of this day, complete or not
         if staged.events:
-            run_job(s, staged, s.features, fingerprint, layout.root, todo, run)
+            layouts = {v.name: (join_keys(v), arrow_schema(v)) for v in definition_views(defs)}
+            run_job(s, staged, DayFiles(str(layout.root), layouts, todo, run))
         for d, (lo, hi) in sorted(todo.items()):
             rows = layout.rows(d, run)
             layout.finish(d, fingerprint, lo, hi, rows, run if rows else "empty")

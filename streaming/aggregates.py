@@ -342,13 +342,12 @@ class EntityState:
     def _rebuild_open(self, plan: Plan) -> None:
         self.open_panes = {}
         for r in self.open:
-            self._fold(self.open_panes, r, plan)
+            self._fold_open(r, plan)
 
-    @staticmethod
-    def _fold(target: dict[str, dict[int, Any]], r: Rec, plan: Plan) -> None:
+    def _fold_open(self, r: Rec, plan: Plan) -> None:
         for op in plan.ops:
             if op.accepts(r):
-                panes = target.setdefault(op.name, {})
+                panes = self.open_panes.setdefault(op.name, {})
                 pane = r.ts // op.slide_ms
                 panes[pane] = op.add(panes.get(pane), r)
 
@@ -359,7 +358,7 @@ class EntityState:
             return False
         insort(self.open, r)
         if online:  # the backfill needs no online values: it skips their upkeep
-            self._fold(self.open_panes, r, plan)
+            self._fold_open(r, plan)
         self.newest = max(self.newest, r.ts)
         return True
 

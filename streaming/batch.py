@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from connectors.offline_files import records, write_part
 
 DAY_MS = 86_400_000
@@ -48,8 +50,6 @@ class Layout:
 
     def rows(self, day: str, run: str) -> dict[str, int]:
         """Rows per definition that ``run`` wrote for ``day`` (from the Parquet footers)."""
-        import pyarrow.parquet as pq
-
         out: dict[str, int] = {}
         for f in sorted(self.root.glob(f"*/date={day}/backfill-{run}-*.parquet")):
             view = f.parent.parent.name
@@ -101,7 +101,8 @@ class DayFiles:
 
     def __init__(self, root: str, layouts: dict[str, tuple[list[str], Any]], todo: dict[str, tuple[int, int]],
                  run: str) -> None:
-        self.root, self.todo, self.run = root, todo, run
+        self.root, self.run = root, run
+        self.bounds = {lo - lo % DAY_MS: (lo, hi) for lo, hi in todo.values()}  # day's start -> part asked for
         self.keys = {name: keys for name, (keys, _) in layouts.items()}
         self.schemas = {name: schema for name, (_, schema) in layouts.items()}
 
@@ -111,10 +112,10 @@ class DayFiles:
         self.rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def add(self, view: str, entity: str, ts: int, values: dict[str, Any]) -> None:
+        bounds = self.bounds.get(ts - ts % DAY_MS)
+        if bounds is None or not bounds[0] <= ts < bounds[1]:
+            return  # read only for the values of the days asked for
         for name, day, record in records({"view": view, "entity": entity, "ts": ts, "values": values}, self.keys):
-            bounds = self.todo.get(day)
-            if bounds is None or not bounds[0] <= ts < bounds[1]:
-                return  # read only for the values of the days asked for
             self.rows.setdefault((name, day), []).append(record)
             self.waiting += 1
         if self.waiting >= self.CHUNK:

@@ -139,10 +139,7 @@ class Definitions(KeyedProcessFunction):
             if self.batch_key != key:  # would lose the key's records: Flink's batch mode no longer sorts by key
                 raise RuntimeError(f"batch timer for {key!r} after the records of {self.batch_key!r}")
             for ts, values in self.batch_state.settle(timestamp, self.plan):
-                if self.files:
-                    self.files.add(self.view, key, ts, values)
-                else:
-                    yield FINAL, final_row(self.view, key, ts, values)
+                self.files.add(self.view, key, ts, values)
             self.batch_key = None
             return
         st: EntityState | None = self.state.value()
@@ -214,8 +211,10 @@ def _complete(kind: EntityKind) -> Any:
 def attach(events: Any, catalogue: str, lateness_ms: int, online: bool,
            files: DayFiles | None = None) -> tuple[list[Any], list[Any], list[Any]]:
     """Wire the catalogue onto a stream of de-duplicated events (the job's EVENT tuples);
-    returns the online-row streams, the final-row streams (empty when ``files`` writes the
-    final rows instead) and the late-record streams."""
+    returns the online-row streams, the final-row streams and the late-record streams. In
+    batch (not ``online``), ``files`` writes the final rows instead: no final-row streams."""
+    if not online and files is None:
+        raise ValueError("attach(online=False) needs files: the batch operators write their final rows there")
     defs = load(catalogue)
     by_kind, covisits = plans(defs)
     recs = events.map(_to_rec, output_type=REC).name("catalogue_records").uid("catalogue_records")
@@ -227,7 +226,7 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool,
                         output_type=ROW)
                .name(uid).uid(uid))
         rows.append(out)
-        if files is None:
+        if online:
             finals.append(out.get_side_output(FINAL))
         late.append(out.get_side_output(LATE))
 
