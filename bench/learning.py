@@ -11,9 +11,12 @@
    is two views of a brand-new item (admission needs two sightings), timed from sending to
    ``GET /model?item_id=`` reporting that the served version has the item's row. p50/p99 in
    steady state: unrecorded warm-up probes run first until one is visible within 2 s (the job
-   and the trainer start behind the background load); the warm-up time is reported.
+   and the trainer start behind the background load); the warm-up time is reported. Run once
+   per ``--features`` catalogue (default: the default catalogue, then ``features.none``, the
+   job's built-in views only), since the catalogue's definitions are most of the job's work.
 
     python bench/learning.py [--events 50000] [--loops 4] [--rate 300] [--probes 60]
+                             [--features SPEC ...] [--skip-inprocess] [--skip-stack]
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import workload  # noqa: E402
@@ -45,6 +47,7 @@ from online_learning.embeddings import TwoTower  # noqa: E402
 from online_learning.examples import BatchExamples, Example, ExampleBuilder  # noqa: E402
 from online_learning.ranker import FTRLRanker  # noqa: E402
 from online_learning.recommender import OnlineRecommender  # noqa: E402
+from online_learning.threads import one_thread  # noqa: E402
 from streaming.state import Ev  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -100,9 +103,9 @@ def memory(events: list[BehaviorEvent], loops: int) -> dict[str, Any]:
     return out
 
 
-def visibility(rate: float, probes: int, events: list[BehaviorEvent]) -> dict[str, Any]:
+def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: str) -> dict[str, Any]:
     state = Path(tempfile.mkdtemp(prefix="freshrec-bench-"))
-    settings = Settings.from_env(state_dir=state, api_port=free_port())
+    settings = Settings.from_env(state_dir=state, api_port=free_port(), features=features)
     stack = Stack.start(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     s = stack.settings
     stop = threading.Event()
@@ -150,6 +153,8 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent]) -> dict[st
                 seen = probe(f"probe-{k}")
                 if seen is None:
                     missed += 1
+                    if missed == 3:  # fallen behind: more probes would only measure the backlog
+                        break
                 else:
                     latencies.append(seen)
                 time.sleep(0.3)
@@ -158,8 +163,9 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent]) -> dict[st
         load.join(10)
         stack.stop()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
-    return {"background_rate": rate, "probes": probes, "warmup_s": round(warmup_s, 1), "visible": len(latencies),
-            "missed_30s": missed,
+    return {"features": features, "background_rate": rate, "probes": probes, "warmup_s": round(warmup_s, 1),
+            "visible": len(latencies),
+            "missed_30s": missed, "kept_up": missed < 3,
             "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
             "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms,
             "latencies_ms": [round(x) for x in latencies]}
@@ -171,24 +177,35 @@ def main() -> int:
     ap.add_argument("--loops", type=int, default=4)
     ap.add_argument("--rate", type=float, default=300)
     ap.add_argument("--probes", type=int, default=60)
+    ap.add_argument("--features", action="append", help="catalogue(s) for the stack's feature job "
+                    "(default: features.catalog and features.none)")
     ap.add_argument("--skip-stack", action="store_true", help="only the in-process figures")
+    ap.add_argument("--skip-inprocess", action="store_true", help="only the stack's figures; keep the "
+                    "throughput and memory figures already in learning.json")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    one_thread()
     source, events = workload(args.events, int(time.time() * 1000) - 86_400_000)
     print(f"workload: {source}, {len(events)} events", file=sys.stderr)
-    report: dict[str, Any] = {"workload": source, "machine": f"{platform.machine()}, {platform.python_version()}",
-                              "when": time.strftime("%Y-%m-%d %H:%M")}
-    groups = examples_of(events)
-    report["throughput"] = throughput(groups)
-    print(json.dumps(report["throughput"]), file=sys.stderr)
-    report["memory"] = memory(events[: min(len(events), 30_000)], args.loops)
-    print(json.dumps({k: v["trace"][-1] for k, v in report["memory"].items() if isinstance(v, dict)}), file=sys.stderr)
+    out = RESULTS / "learning.json"
+    report: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    report |= {"workload": source, "machine": f"{platform.machine()}, {platform.python_version()}",
+               "when": time.strftime("%Y-%m-%d %H:%M")}
+    if not args.skip_inprocess:
+        groups = examples_of(events)
+        report["throughput"] = throughput(groups)
+        print(json.dumps(report["throughput"]), file=sys.stderr)
+        report["memory"] = memory(events[: min(len(events), 30_000)], args.loops)
+        print(json.dumps({k: v["trace"][-1] for k, v in report["memory"].items() if isinstance(v, dict)}),
+              file=sys.stderr)
     if not args.skip_stack:
-        report["visibility"] = visibility(args.rate, args.probes, events)
-        print(json.dumps(report["visibility"]), file=sys.stderr)
+        report["visibility"] = []
+        for features in args.features or ["features.catalog", "features.none"]:
+            report["visibility"].append(visibility(args.rate, args.probes, events, features))
+            print(json.dumps({k: v for k, v in report["visibility"][-1].items() if k != "latencies_ms"}),
+                  file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "learning.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {RESULTS / 'learning.json'}")
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
     return 0
 
 

@@ -43,6 +43,7 @@ from connectors.replay import sorted_events
 from connectors.schema import BehaviorEvent, InvalidEvent
 from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
+from online_learning.threads import one_thread
 from serving.candidates import merge
 from serving.ranking import rank
 from streaming.state import Ev, Neighbours, RecentViews, Spec
@@ -311,9 +312,7 @@ _EVENTS: list[BehaviorEvent] = []  # handed to forked workers without pickling
 
 
 def _work(part: str, progress: bool) -> tuple[Scores, dict[str, Any]]:
-    import torch
-
-    torch.set_num_threads(1)  # two workers on two cores: more threads only contend
+    one_thread()  # two workers on two cores: more threads only contend
     ev = Evaluation(part=part)
     for _ in ev.run(_EVENTS, progress):
         pass

@@ -27,7 +27,6 @@ import time
 from typing import Any
 
 import redis
-import torch
 from kafka import TopicPartition
 
 from connectors.kafka import consumer
@@ -39,6 +38,7 @@ from online_learning.gate import QualityGate
 from online_learning.params import decode
 from online_learning.publish import ParameterStore, Version
 from online_learning.recommender import OnlineRecommender
+from online_learning.threads import one_thread
 
 
 def new_recommender(s: Settings) -> OnlineRecommender:
@@ -261,7 +261,7 @@ def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> 
 
 
 def main() -> int:
-    torch.set_num_threads(1)  # two cores, shared with the Flink job and the API
+    one_thread()  # two cores, shared with the Flink job and the API
     settings = Settings.from_env()
     trainer = Trainer(settings)
     n = trainer.run()

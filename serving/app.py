@@ -32,6 +32,7 @@ from connectors.schema import InvalidEvent
 from features.definitions import FEATURE_VIEWS, trending_key
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
+from online_learning.threads import one_thread
 from serving.metrics import Metrics, RequestTimer
 from serving.models import ServedModels, UnknownVersion
 from serving.request_path import Answer, Context, RequestPath
@@ -323,9 +324,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def __getattr__(name: str) -> Any:
     # `uvicorn serving.app:app` builds the app on first access, from the environment.
     if name == "app":
-        import torch
-
-        torch.set_num_threads(1)  # see serving/__init__.py
+        one_thread()  # workers share few cores (online_learning/threads.py)
         globals()["app"] = create_app()
         return globals()["app"]
     raise AttributeError(name)
