@@ -163,8 +163,8 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
         load.join(10)
         stack.stop()
     q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
-    return {"features": features, "background_rate": rate, "probes": probes, "warmup_s": round(warmup_s, 1),
-            "visible": len(latencies),
+    return {"features": features, "when": time.strftime("%Y-%m-%d %H:%M"), "background_rate": rate,
+            "probes": probes, "warmup_s": round(warmup_s, 1), "visible": len(latencies),
             "missed_30s": missed, "kept_up": missed < 3,
             "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
             "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms,
@@ -188,9 +188,9 @@ def main() -> int:
     print(f"workload: {source}, {len(events)} events", file=sys.stderr)
     out = RESULTS / "learning.json"
     report: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    report |= {"workload": source, "machine": f"{platform.machine()}, {platform.python_version()}",
-               "when": time.strftime("%Y-%m-%d %H:%M")}
-    if not args.skip_inprocess:
+    report |= {"workload": source, "machine": f"{platform.machine()}, {platform.python_version()}"}
+    if not args.skip_inprocess:  # "when" dates these figures; each visibility run carries its own
+        report["when"] = time.strftime("%Y-%m-%d %H:%M")
         groups = examples_of(events)
         report["throughput"] = throughput(groups)
         print(json.dumps(report["throughput"]), file=sys.stderr)
