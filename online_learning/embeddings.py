@@ -28,6 +28,7 @@ True
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -256,7 +257,7 @@ class TwoTower:
 
     def score_many(self, user: dict[str, Any] | None, items: list[str], user_id: str | None = None) -> np.ndarray:
         """Dot products of the user vector with each item's row (0 for items without a row)."""
-        rows = np.fromiter((self.items.get(i) for i in items), dtype=np.int64, count=len(items))
+        rows = np.fromiter(map(self.items.ids.get, items, repeat(-1)), dtype=np.int64, count=len(items))
         known = rows >= 0
         scores = np.zeros(len(items), dtype=np.float32)
         if known.any():

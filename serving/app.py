@@ -34,7 +34,7 @@ from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.threads import one_thread
 from serving.metrics import Metrics, RequestTimer
-from serving.models import ServedModels, UnknownVersion
+from serving.models import ServedModels, UnknownVersion, freeze_heap
 from serving.request_path import Answer, Context, RequestPath
 
 # Ids are the app's own; refuse only what cannot be one (empty, whitespace, control characters).
@@ -118,8 +118,12 @@ class Published(BaseModel):
     of: int  # the snapshot it republishes
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, own_process: bool = False) -> FastAPI:
+    """``own_process``: the app is all the process does (uvicorn's workers), so it may set
+    process-wide things: one BLAS/torch thread, and a frozen heap (serving/models.py)."""
     settings = settings or Settings.from_env()
+    if own_process:
+        one_thread()  # workers share few cores (online_learning/threads.py)
     timeout = settings.redis_timeout_ms / 1000
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     reader = FeastRedisReader(client, settings.feast_project, FEATURE_VIEWS)
@@ -127,12 +131,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = ParameterStore(client, settings.feast_project)
     # The follower may wait on big snapshots: its own client, with a longer timeout.
     models = ServedModels(ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10),
-                                         settings.feast_project), settings.model_poll_ms)
+                                         settings.feast_project), settings.model_poll_ms, freeze=own_process)
     path = RequestPath(client, reader, models, trending_key(settings.feast_project), settings.item_cache_ms)
     metrics = Metrics(models, path)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if own_process:
+            freeze_heap()  # the imports; again once a model is in
         models.start()
         yield
         models.stop()
@@ -324,7 +330,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def __getattr__(name: str) -> Any:
     # `uvicorn serving.app:app` builds the app on first access, from the environment.
     if name == "app":
-        one_thread()  # workers share few cores (online_learning/threads.py)
-        globals()["app"] = create_app()
+        globals()["app"] = create_app(own_process=True)
         return globals()["app"]
     raise AttributeError(name)

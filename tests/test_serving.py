@@ -7,6 +7,7 @@ classes and a model learned on the same log), so no Flink job is needed here.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from freshrec.seed import seed_online_state
 from online_learning.publish import ParameterStore
 from online_learning.recommender import OnlineRecommender
 from serving.app import create_app
-from serving.models import in_share
+from serving.models import ServedModels, in_share
 from tests.conftest import wait_until
 
 KEY = "test-admin-key"
@@ -157,6 +158,20 @@ def test_blue_green_refuses_a_version_that_cannot_score(served: tuple[Settings, 
     assert client.get("/recommendations", params={"user_id": users[0]}).json()["model_version"] == serving
     store.rollback(serving)  # leave a servable head for the next tests
     wait_until(lambda: client.get("/model").json()["version"] > bad, 10, "the API to move on")
+
+
+def test_a_serving_process_freezes_its_heap_once_a_model_is_in(served: tuple[Settings, list[str], TestClient]) -> None:
+    """A full collection would walk every import and the model: ~110 ms, the bench's slowest
+    requests. Only a process that just serves freezes (create_app(own_process=True))."""
+    s, _, _ = served
+    assert gc.get_freeze_count() == 0, "the test process itself must not be frozen by create_app"
+    models = ServedModels(store_of(s), freeze=True)
+    try:
+        models.refresh()
+        assert models.recommender is not None
+        assert gc.get_freeze_count() > 100_000
+    finally:
+        gc.unfreeze()
 
 
 def test_metrics_and_readiness(served: tuple[Settings, list[str], TestClient]) -> None:
