@@ -35,7 +35,8 @@ from freshrec.stack import start_feature_job, stop_group
 from jobs.backfill import backfill
 from jobs.topics import prepare_log
 
-TAOBAO = Path(__file__).resolve().parents[2] / "shared" / "data" / "taobao_userbehavior_timeslice_110k.csv"
+ROOT = Path(__file__).resolve().parents[1]
+TAOBAO = ROOT.parent / "shared" / "data" / "taobao_userbehavior_timeslice_110k.csv"
 DAY = 86_400_000
 START_MS = 1_700_000_000_000  # the generated log: 100 events/s of event time from here
 
@@ -84,10 +85,11 @@ def bench_backfill(source: Path, tmp: Path, label: str, start: int, end: int) ->
             "seconds": round(seconds, 1), "events_per_s": round(staged.events / seconds)}
 
 
-def bench_stream(n_defs: int, events: list[dict[str, Any]], tmp: Path, broker: Any,
+def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, broker: Any,
                  redis_server: Any) -> dict[str, Any]:
+    """``n_defs``: that many generated definitions; None: the default catalogue (features.catalog)."""
     cat = tmp / f"catalogue_{n_defs}.py"
-    cat.write_text(catalogue(n_defs))
+    cat.write_text(catalogue(n_defs) if n_defs is not None else (ROOT / "features" / "catalog.py").read_text())
     db = {0: 1, 10: 2, 40: 3}.get(n_defs, 4)  # a database of its own: the first row of any kind starts the clock
     s = Settings(kafka_bootstrap=f"127.0.0.1:{broker.port}", redis_url=f"redis://127.0.0.1:{redis_server.port}/{db}",
                  events_topic=f"b{n_defs}-events", dlq_topic=f"b{n_defs}-dlq", feast_project=f"b{n_defs}",
@@ -110,7 +112,8 @@ def bench_stream(n_defs: int, events: list[dict[str, Any]], tmp: Path, broker: A
             row = reader.read([("user_recent", str(last["user_id"]))])[0]
             if start is not None and row and row.get("_event_ts_ms", 0) >= last["ts"]:
                 seconds = time.monotonic() - start
-                return {"definitions": n_defs, "events": len(events), "seconds": round(seconds, 1),
+                return {"definitions": n_defs if n_defs is not None else "features.catalog",
+                        "events": len(events), "seconds": round(seconds, 1),
                         "events_per_s": round(len(events) / seconds)}
             if job.poll() is not None:
                 raise RuntimeError(f"feature job exited; see {s.state_dir}/feature_job.log")
@@ -158,7 +161,7 @@ def main() -> int:
             try:
                 events = list(simulate(args.stream_events, n_users=500, n_items=2000, n_categories=30, seed=3,
                                        events_per_second=50.0, start_ms=int(time.time() * 1000) - 3_600_000))
-                for n in (0, 10, 40):
+                for n in (0, 10, 40, None):
                     r = bench_stream(n, events, tmp, broker, redis_server)
                     print(f"stream, {n} definitions: {r}", flush=True)
                     out["stream"].append(r)

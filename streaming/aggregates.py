@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from features.dsl import (
+    KEY_SEPARATOR,
     Count,
     CoVisitation,
     Definition,
@@ -55,7 +56,8 @@ HOUR_MS = 3_600_000
 
 
 class Rec(NamedTuple):
-    """A record an entity folds: an event, or (for co-visitation) a pair with ``other``."""
+    """A record an entity folds: an event, or (for co-visitation) pairs with ``other``: one
+    partner, or several joined by KEY_SEPARATOR (:func:`partners`)."""
 
     ts: int
     rid: str  # event id, or the pair's two event ids: orders records of the same ts
@@ -64,6 +66,15 @@ class Rec(NamedTuple):
     item_id: str
     category_id: str
     other: str = ""
+
+
+def partners(other: str) -> list[str]:
+    """The co-visit partners a pair record carries (ids hold no control characters).
+
+    >>> partners("a" + KEY_SEPARATOR + "b"), partners("c")
+    (['a', 'b'], ['c'])
+    """
+    return other.split(KEY_SEPARATOR)
 
 
 # --- aggregations as (start, add, merge) on plain values, so state pickles small --------------
@@ -128,7 +139,8 @@ class Op:
             del acc[:-self.n]
             return acc
         acc = acc or {}  # covisit
-        acc[v] = acc.get(v, 0) + 1
+        for p in partners(v):
+            acc[p] = acc.get(p, 0) + 1
         return acc
 
     def result(self, accs: Iterable[Any]) -> Any:
@@ -278,7 +290,8 @@ class Window:
             if acc is None or v not in acc:
                 self.counts[v] = self.counts.get(v, 0) + 1
         elif op.kind == "covisit":
-            self._count_pair(op.value(r))
+            for p in partners(op.value(r)):
+                self._count_pair(p)
         elif op.kind == "last_n":
             self.newest.append((r.ts, r.rid, op.value(r)))
             del self.newest[:-op.n]

@@ -29,6 +29,7 @@ from pyflink.datastream.state import ValueStateDescriptor
 from connectors.schema import dead_letter
 from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, item, load
 from streaming.aggregates import EntityState, Plan, Rec
+from streaming.cached_state import CachedValueState
 from streaming.state import Ev, RecentViews, Seen, Spec
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ class Definitions(KeyedProcessFunction):
         defs = [d for d in load(self.catalogue) if d.name in self.names]
         self.plan = Plan.of(defs)
         self.reach_ms = max_window_ms(defs)
-        self.state = runtime_context.get_state(ValueStateDescriptor("entity", Types.PICKLED_BYTE_ARRAY()))
+        self.state = CachedValueState(runtime_context.get_state(ValueStateDescriptor("entity",
+                                                                                 Types.PICKLED_BYTE_ARRAY())))
         self.timers: set[tuple[str, int]] = set()  # saves a call into Java per record; refilled after a restore
         self.batch_key: str | None = None
         self.batch_state = EntityState()
@@ -107,7 +109,7 @@ class Definitions(KeyedProcessFunction):
 
     def _load(self, key: str) -> EntityState:
         if self.online:
-            return self.state.value() or EntityState()
+            return self.state.value(key) or EntityState()
         # Batch: a key's records come together and nothing is checkpointed, so its state stays in
         # memory (pickling it per record made the backfill quadratic in a key's records).
         if self.batch_key != key:
@@ -127,7 +129,7 @@ class Definitions(KeyedProcessFunction):
         if not self.online:  # settled once, at the end of the key's input
             self._timer(ctx, key, BATCH_END)
             return
-        self.state.update(st)
+        self.state.update(key, st)
         # Settled once no event this old can be accepted any more.
         self._timer(ctx, key, r.ts + self.lateness_ms + 1)
         yield self.view, key, st.newest, json.dumps(st.online(self.plan))
@@ -142,16 +144,16 @@ class Definitions(KeyedProcessFunction):
                 self.files.add(self.view, key, ts, values)
             self.batch_key = None
             return
-        st: EntityState | None = self.state.value()
+        st: EntityState | None = self.state.value(key)
         if st is None:
             return
         horizon = timestamp - self.lateness_ms - 1
         for ts, values in st.settle(horizon, self.plan):
             yield FINAL, final_row(self.view, key, ts, values)
         if not st.open and horizon > st.newest + self.reach_ms:
-            self.state.clear()  # every window has emptied: a quiet entity costs nothing
+            self.state.clear(key)  # every window has emptied: a quiet entity costs nothing
             return
-        self.state.update(st)
+        self.state.update(key, st)
         if not st.open:
             self._timer(ctx, key, st.newest + self.reach_ms + self.lateness_ms + 2)
 
@@ -164,17 +166,28 @@ class CoVisitPairs(KeyedProcessFunction):
         self.spec = Spec(covisit_gap_ms=gap, covisit_keep_ms=gap + lateness_ms, covisit_max_views=d.max_views)
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        self.state = runtime_context.get_state(ValueStateDescriptor("views", Types.PICKLED_BYTE_ARRAY()))
+        self.state = CachedValueState(runtime_context.get_state(ValueStateDescriptor("views",
+                                                                                 Types.PICKLED_BYTE_ARRAY())))
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         r = Rec(*value)
         if r.behavior != "view":
             return
-        views: RecentViews = self.state.value() or RecentViews()
+        views: RecentViews = self.state.value(r.user_id) or RecentViews()
         pairs = views.add(Ev(r.rid, r.user_id, r.item_id, r.behavior, r.ts, r.category_id), self.spec)
-        self.state.update(views)
+        self.state.update(r.user_id, views)
+        rid = f"{r.user_id}{KEY_SEPARATOR}{r.rid}"
+        # The viewed item's pairs of one time leave as one record (partners joined): its state is
+        # then read, written and sent to Redis once, not once per partner. Each partner's own pair
+        # goes to its own key.
+        mine: dict[int, list[str]] = {}
         for it, other, at in pairs:
-            yield at, f"{r.user_id}{KEY_SEPARATOR}{r.rid}", "view", r.user_id, it, "", other
+            if it == r.item_id:
+                mine.setdefault(at, []).append(other)
+            else:
+                yield at, rid, "view", r.user_id, it, "", other
+        for at, others in mine.items():
+            yield at, rid, "view", r.user_id, r.item_id, "", KEY_SEPARATOR.join(others)
 
 
 class Deduplicate(KeyedProcessFunction):

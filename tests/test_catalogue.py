@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from features.dsl import (
+    KEY_SEPARATOR,
     Count,
     CoVisitation,
     DefinitionError,
@@ -129,6 +130,30 @@ def test_covisit_final_rows_equal_their_definition(seed: int) -> None:
     assert sorted(finals) == sorted({r.ts for r in recs})
     for ts, values in finals.items():
         assert values == {"cv": brute(ts)}, ts
+
+
+def test_a_record_with_several_partners_counts_as_each_pair() -> None:
+    """The job sends the viewed item's partners of one time as one record (partners joined)."""
+    rnd = random.Random(7)
+    p = Plan.of([CoVisitation(name="cv", window=W, top_k=3, ttl=td(days=1), owner="o", description="d")])
+    singles = sorted(Rec(rnd.randrange(0, 100_000) // 1000 * 1000, f"p{i}", "view", "u", "it", "",
+                         f"o{rnd.randrange(9)}") for i in range(300))
+    partners: dict[int, list[str]] = {}
+    for r in singles:
+        partners.setdefault(r.ts, []).append(r.other)
+    joined = [Rec(ts, f"j{ts}", "view", "u", "it", "", KEY_SEPARATOR.join(o)) for ts, o in sorted(partners.items())]
+    assert len(joined) < len(singles)
+
+    def run(recs: list[Rec]) -> tuple[dict[str, object], dict[int, dict[str, object]]]:
+        st, finals = EntityState(), {}
+        for r in recs:
+            st.add(r, p)
+        online = st.online(p)
+        finals.update(st.settle(50_000, p))
+        finals.update(st.settle(2**62, p))
+        return online, finals
+
+    assert run(joined) == run(singles)
 
 
 def test_a_changed_definition_starts_afresh_and_others_keep_their_state() -> None:
