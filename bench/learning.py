@@ -14,6 +14,8 @@
    and the trainer start behind the background load); the warm-up time is reported. Run once
    per ``--features`` catalogue (default: the default catalogue, then ``features.none``, the
    job's built-in views only), since the catalogue's definitions are most of the job's work.
+   Each probe is split in two stages: the feature job (sent -> the second view's training
+   example read back from the examples topic) and the rest (trainer, publish, API poll).
 
     python bench/learning.py [--events 50000] [--loops 4] [--rate 300] [--probes 60]
                              [--features SPEC ...] [--skip-inprocess] [--skip-stack]
@@ -39,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import workload  # noqa: E402
 
 from connectors.embedded import free_port  # noqa: E402
-from connectors.kafka import EventProducer  # noqa: E402
+from connectors.kafka import EventProducer, consumer  # noqa: E402
 from connectors.schema import BehaviorEvent  # noqa: E402
 from freshrec.config import Settings  # noqa: E402
 from freshrec.stack import Stack  # noqa: E402
+from jobs.topics import examples_topic  # noqa: E402
 from online_learning.embeddings import TwoTower  # noqa: E402
 from online_learning.examples import BatchExamples, Example, ExampleBuilder  # noqa: E402
 from online_learning.ranker import FTRLRanker  # noqa: E402
@@ -122,11 +125,30 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
                 if wait > 0:
                     time.sleep(wait)
 
+    arrived: dict[str, float] = {}  # probe item -> when its second view's example was read back
+
+    def examples() -> None:
+        c = consumer(s.kafka_bootstrap, examples_topic(s), auto_offset_reset="latest",
+                     fetch_max_wait_ms=s.fetch_wait_ms)
+        try:
+            while not stop.is_set():
+                for records in c.poll(timeout_ms=20).values():
+                    for r in records:
+                        if b'"probe-user-b"' in r.value:
+                            ex = json.loads(r.value)
+                            if ex["user_id"] == "probe-user-b" and ex["label"] == 1:
+                                arrived.setdefault(ex["item_id"], time.monotonic())
+        finally:
+            c.close()
+
     load = threading.Thread(target=background, daemon=True)
+    reader = threading.Thread(target=examples, daemon=True)
     latencies: list[float] = []
+    job_ms: list[float | None] = []  # per visible probe: its feature-job stage
     missed = 0
     try:
         load.start()
+        reader.start()
         with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="probe") as p, \
                 httpx.Client(base_url=stack.api_url, timeout=2) as api:
 
@@ -138,7 +160,12 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
                 p.flush()
                 while time.monotonic() - sent < 30:
                     if api.get("/model", params={"item_id": item}).json()["item"]["embedding"]:
-                        return (time.monotonic() - sent) * 1000
+                        seen = time.monotonic()
+                        while item not in arrived and time.monotonic() - seen < 2:
+                            time.sleep(0.005)
+                        if not name.startswith("warmup"):
+                            job_ms.append((arrived[item] - sent) * 1000 if item in arrived else None)
+                        return (seen - sent) * 1000
                     time.sleep(0.01)
                 return None
 
@@ -161,14 +188,22 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
     finally:
         stop.set()
         load.join(10)
+        reader.join(10)
         stack.stop()
-    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 else [float("nan")] * 99
+
+    def quantiles(xs: list[float]) -> list[float]:
+        return statistics.quantiles(xs, n=100, method="inclusive") if len(xs) >= 2 else [float("nan")] * 99
+
+    q, qj = quantiles(latencies), quantiles([x for x in job_ms if x is not None])
     return {"features": features, "when": time.strftime("%Y-%m-%d %H:%M"), "background_rate": rate,
             "probes": probes, "warmup_s": round(warmup_s, 1), "visible": len(latencies),
             "missed_30s": missed, "kept_up": missed < 3,
             "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
+            "feature_job_p50_ms": round(qj[49]), "feature_job_p99_ms": round(qj[98]),
+            "fetch_wait_ms": s.fetch_wait_ms,
             "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms,
-            "latencies_ms": [round(x) for x in latencies]}
+            "latencies_ms": [round(x) for x in latencies],
+            "feature_job_ms": [None if x is None else round(x) for x in job_ms]}
 
 
 def main() -> int:
@@ -201,7 +236,7 @@ def main() -> int:
         report["visibility"] = []
         for features in args.features or ["features.catalog", "features.none"]:
             report["visibility"].append(visibility(args.rate, args.probes, events, features))
-            print(json.dumps({k: v for k, v in report["visibility"][-1].items() if k != "latencies_ms"}),
+            print(json.dumps({k: v for k, v in report["visibility"][-1].items() if not isinstance(v, list)}),
                   file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -125,7 +125,7 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
     from connectors.logfile import detect_format, open_log
     from features.dsl import load
     from features.store import apply, repo_dir
-    from freshrec.stack import start_feature_job, stop_group
+    from freshrec.stack import start_catalogue_job, stop_group
     from jobs.backfill import backfill
     from jobs.topics import feature_log_topic, prepare_log
     from streaming.definitions import max_window_ms
@@ -142,10 +142,10 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
                                  events_topic="parity-events", dlq_topic="parity-dlq", feast_project="parity")
             prepare_log(s)
             apply(s)
-            job = start_feature_job(s, Path(tmp))
+            job = start_catalogue_job(s, Path(tmp))
             fmt = detect_format(source) if fmt == "auto" else fmt
             sent, first, last = 0, 2**63, 0
-            print(f"[parity] streaming {source} through the feature job (log: {tmp}/feature_job.log)", flush=True)
+            print(f"[parity] streaming {source} through the catalogue job (log: {tmp}/catalogue_job.log)", flush=True)
             with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="parity") as p:
                 for row, line in open_log(source, fmt):
                     e = p.send(row if row is not None else line)
@@ -166,7 +166,7 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
             deadline, n, shown = time.monotonic() + timeout_s, 0, 0.0
             while n < expected:
                 if job.poll() is not None:
-                    raise RuntimeError(f"the feature job exited ({job.returncode}); see {tmp}/feature_job.log")
+                    raise RuntimeError(f"the catalogue job exited ({job.returncode}); see {tmp}/catalogue_job.log")
                 if time.monotonic() > deadline:
                     print(f"[parity] gave up waiting after {timeout_s:.0f}s: {n:,} of {expected:,} rows", flush=True)
                     break

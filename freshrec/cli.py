@@ -1,6 +1,6 @@
 """freshrec: real-time recommendations from a streaming feature pipeline.
 
-  freshrec up [--demo | --log FILE]   start broker, Redis, the feature job and the API
+  freshrec up [--demo | --log FILE]   start broker, Redis, the Flink jobs, the trainer and the API
   freshrec replay FILE                stream a behavior log into the running stack
   freshrec status [--json]            each part up or down, how far behind, what happened
   freshrec down                       stop a stack started in another terminal
@@ -347,7 +347,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         apply(s)
         print(f"applied to the Feast registry of project {s.feast_project}")
         if changes.restarts:
-            print("restart the feature job to compute the new definitions (`freshrec down` / `freshrec up`, or "
+            print("restart the catalogue job to compute the new definitions (`freshrec down` / `freshrec up`, or "
                   "`freshrec deploy --submit` on a cluster; its checkpoint keeps the other features' state)")
     return 0
 

@@ -40,6 +40,8 @@ class Settings:
     state_dir: Path = field(default=Path(".freshrec"), metadata=_doc("runtime files, checkpoints, logs"))
     features: str = field(default="features.catalog", metadata=_doc("the feature catalogue: a module or a .py "
                                                                     "file of definitions (features/dsl.py)"))
+    catalogue_nice: int = field(default=10, metadata=_doc("CPU niceness (0-19) of the local catalogue job: on "
+                                                          "shared cores the feature job and trainer come first"))
     window_seconds: int = field(default=3600, metadata=_doc("window of the recent counts"))
     window_pane_seconds: int = field(default=60, metadata=_doc("the recent-counts window slides in these steps"))
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))
@@ -56,6 +58,8 @@ class Settings:
     checkpoint_interval_ms: int = field(default=5000, metadata=_doc("Flink checkpoint interval"))
     broker_check_ms: int = field(default=2000, metadata=_doc("components check this often whether the broker "
                                                              "lost its log (embedded broker restarts)"))
+    fetch_wait_ms: int = field(default=50, metadata=_doc("longest a fetch of the job's and the trainer's Kafka "
+                                                         "consumers waits at the broker for new records"))
     state_backend: str = field(default="hashmap", metadata=_doc("Flink state backend: hashmap or rocksdb"))
     parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
     flink_mode: str = field(default="local", metadata=_doc("local: a PyFlink mini-cluster in the job's process; "
@@ -115,9 +119,11 @@ class Settings:
         positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
                     "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
                     "covisit_top_k", "trending_size", "checkpoint_interval_ms", "broker_check_ms", "parallelism",
-                    "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count", "param_ttl_seconds",
-                    "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds", "model_poll_ms",
-                    "api_workers", "redis_timeout_ms")
+                    "fetch_wait_ms", "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count",
+                    "param_ttl_seconds", "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds",
+                    "model_poll_ms", "api_workers", "redis_timeout_ms")
+        if not 0 <= self.catalogue_nice <= 19:
+            raise ConfigError(f"FRESHREC_CATALOGUE_NICE={self.catalogue_nice} must be between 0 and 19")
         if self.item_cache_ms < 0:
             raise ConfigError(f"FRESHREC_ITEM_CACHE_MS={self.item_cache_ms} must be 0 or more")
         for name in positive:

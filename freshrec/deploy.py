@@ -1,10 +1,12 @@
-"""Deploying the feature job on a Flink cluster: the topic plan and the exact ``flink run``.
+"""Deploying the Flink jobs on a cluster: the topic plan and the exact ``flink run`` commands.
 
 ``freshrec deploy --print`` shows, for the current FRESHREC_* configuration, the topics to
-create (with partitions) and the command that submits the job to the JobManager;
-``freshrec deploy --submit`` runs it (docker-compose's job-submitter does). The job is the
-same file the embedded stack runs (jobs/feature_job.py); with FRESHREC_FLINK_MODE=cluster it
-leaves jars and the Python interpreter to the cluster's image and configuration.
+create (with partitions) and the commands that submit the jobs to the JobManager: the
+feature job, and the catalogue job when the catalogue defines something; ``freshrec deploy
+--submit`` runs them (docker-compose's job-submitter does). The jobs are the same files the
+embedded stack runs (jobs/feature_job.py, jobs/catalogue_job.py); with
+FRESHREC_FLINK_MODE=cluster they leave jars and the Python interpreter to the cluster's image
+and configuration.
 
 >>> s = Settings(flink_mode="cluster", flink_jobmanager="jm:8081", parallelism=2, state_dir=Path("/state"))
 >>> cmd = flink_run(s, root=Path("/app"))
@@ -12,6 +14,8 @@ leaves jars and the Python interpreter to the cluster's image and configuration.
 ['flink', 'run', '--jobmanager', 'jm:8081', '--detached', '--parallelism', '2', '--python', '/app/jobs/feature_job.py']
 >>> cmd[9:]
 ['--pyFiles', '/state/deploy/freshrec-packages.zip']
+>>> flink_run(s, root=Path("/app"), job="catalogue_job")[8]
+'/app/jobs/catalogue_job.py'
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from freshrec.config import Settings
-from jobs.topics import feature_job_id, topic_plan
+from jobs.catalogue_job import has_definitions
+from jobs.topics import catalogue_job_id, feature_job_id, topic_plan
 from streaming.flink import PROJECT_ROOT, checkpoint_root, latest_checkpoint
 
 SECRET = {"FRESHREC_ADMIN_API_KEY"}
@@ -35,12 +40,21 @@ def packages_zip(settings: Settings) -> Path:
     return settings.state_dir / "deploy" / "freshrec-packages.zip"
 
 
-def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink") -> list[str]:
+def jobs(settings: Settings) -> dict[str, str]:
+    """The jobs to run, each with its id (consumer group and checkpoint folder)."""
+    out = {"feature_job": feature_job_id(settings)}
+    if has_definitions(settings):
+        out["catalogue_job"] = catalogue_job_id(settings)
+    return out
+
+
+def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink",
+              job: str = "feature_job") -> list[str]:
     """The submit command. The job's Python main runs in the client, which reads FRESHREC_*;
     the operators carry the settings with them, so TaskManagers need no FRESHREC_* of their own.
     ``--pyFiles`` ships the project's packages (see :func:`package`) to the TaskManagers."""
     return [flink, "run", "--jobmanager", settings.flink_jobmanager, "--detached",
-            "--parallelism", str(settings.parallelism), "--python", str(root / "jobs" / "feature_job.py"),
+            "--parallelism", str(settings.parallelism), "--python", str(root / "jobs" / f"{job}.py"),
             "--pyFiles", str(packages_zip(settings))]
 
 
@@ -70,23 +84,28 @@ def job_env(settings: Settings) -> dict[str, str]:
 
 
 def describe(settings: Settings) -> str:
-    lines = ["# topics (create before the job; partitions cannot be lowered later)"]
+    lines = ["# topics (create before the jobs; partitions cannot be lowered later)"]
     lines += [f"{topic:40} partitions={n}" for topic, n in topic_plan(settings).items()]
-    root = checkpoint_root(settings, feature_job_id(settings))
-    ckpt = latest_checkpoint(root)
-    lines += ["", "# submit the feature job (it also writes the training examples); --submit first zips the project's",
-              f"# packages into {packages_zip(settings)}",
-              " \\\n  ".join([*(f"{k}={shlex.quote(v)}" for k, v in job_env(settings).items()),
-                             shlex.join(flink_run(settings))]),
-              "",
-              f"# state: {settings.state_backend}, checkpoints every {settings.checkpoint_interval_ms} ms under "
-              f"{root}",
-              "# resumes from: " + (str(ckpt) if ckpt else "nothing yet (a fresh start)")
-              + " - the job finds the newest retained checkpoint itself"]
+    for job, job_id in jobs(settings).items():
+        root = checkpoint_root(settings, job_id)
+        ckpt = latest_checkpoint(root)
+        what = ("the feature job (it also writes the training examples)" if job == "feature_job"
+                else f"the catalogue job ({settings.features})")
+        lines += ["", f"# submit {what}; --submit first zips the project's packages into {packages_zip(settings)}",
+                  " \\\n  ".join([*(f"{k}={shlex.quote(v)}" for k, v in job_env(settings).items()),
+                                 shlex.join(flink_run(settings, job=job))]),
+                  f"# state: {settings.state_backend}, checkpoints every {settings.checkpoint_interval_ms} ms under "
+                  f"{root}",
+                  "# resumes from: " + (str(ckpt) if ckpt else "nothing yet (a fresh start)")
+                  + " - the job finds the newest retained checkpoint itself"]
     return "\n".join(lines)
 
 
 def submit(settings: Settings) -> int:
     package(settings)
     env = {**os.environ, **settings.replace(flink_mode="cluster").to_env()}
-    return subprocess.run(flink_run(settings), env=env).returncode
+    for job in jobs(settings):
+        code = subprocess.run(flink_run(settings, job=job), env=env).returncode
+        if code:
+            return code
+    return 0

@@ -1,11 +1,11 @@
-"""The embedded stack: broker, Redis, the feature job and the API as child processes.
+"""The embedded stack: broker, Redis, the Flink jobs, the trainer and the API as child processes.
 
 ``up`` writes ``<state_dir>/stack.json`` (ports, pids) so that ``replay``, ``status`` and
 ``down`` in another terminal find the running stack. Children run in their own process
 groups and are stopped group-wide, so no JVM, broker or Redis outlives the stack.
 
 ``up`` also supervises: a part that dies is started again (the broker and Redis on their
-ports; the feature job from its last checkpoint), at most ``RESTARTS`` times in
+ports; the Flink jobs from their last checkpoints), at most ``RESTARTS`` times in
 ``RESTART_WINDOW_S``, and each restart is written to ``<state_dir>/events.jsonl``, which
 ``freshrec status`` shows.
 """
@@ -32,8 +32,9 @@ from jobs.topics import prepare_log
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTARTS, RESTART_WINDOW_S = 5, 600
 # The stack's processes, in start order, and their modules (the API runs under uvicorn).
-PROCESSES = {"feature_job": "jobs.feature_job", "offline_store": "connectors.offline_store",
-             "trainer": "online_learning.trainer", "api": "serving.app"}
+PROCESSES = {"feature_job": "jobs.feature_job", "catalogue_job": "jobs.catalogue_job",
+             "offline_store": "connectors.offline_store", "trainer": "online_learning.trainer", "api": "serving.app"}
+JOBS = ("feature_job", "catalogue_job")  # Flink jobs: restarted from their last checkpoints
 
 
 def stack_file(settings: Settings) -> Path:
@@ -117,6 +118,10 @@ def start_feature_job(settings: Settings, log_dir: Path) -> subprocess.Popen[byt
     return spawn("feature_job", [sys.executable, "-m", PROCESSES["feature_job"]], settings, log_dir)
 
 
+def start_catalogue_job(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    return spawn("catalogue_job", [sys.executable, "-m", PROCESSES["catalogue_job"]], settings, log_dir)
+
+
 def start_api(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
     args = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", settings.api_host,
             "--port", str(settings.api_port), "--no-access-log", "--workers", str(settings.api_workers)]
@@ -157,6 +162,7 @@ class Stack:
     @classmethod
     def start(cls, settings: Settings, log: Any = print) -> Stack:
         from features.store import apply
+        from jobs.catalogue_job import has_definitions
 
         stack = cls(settings)
         try:
@@ -175,9 +181,12 @@ class Stack:
             record(settings.state_dir, "broker", f"started on port {broker.port}, log epoch {epoch}")
             log("registering feature views with Feast ...")
             apply(settings)
-            log("starting the PyFlink feature job, the offline-store writer, the trainer and the API ...")
+            catalogue = has_definitions(settings)
+            log(f"starting the PyFlink feature job{', the catalogue job' if catalogue else ''}, the offline-store "
+                "writer, the trainer and the API ...")
             for name in PROCESSES:
-                stack.procs[name] = stack.start_process(name)
+                if name != "catalogue_job" or catalogue:
+                    stack.procs[name] = stack.start_process(name)
             wait_healthy(stack.api_url, stack.procs["api"])
             stack.save()
         except BaseException:
@@ -221,7 +230,7 @@ class Stack:
             code = self._allow_restart(name, proc.returncode)
             self.procs[name] = self.start_process(name)
             events.append(record(self.settings.state_dir, name, f"exited ({code}); restarted"
-                                 + (" from its last checkpoint" if name == "feature_job" else "")))
+                                 + (" from its last checkpoint" if name in JOBS else "")))
         for event in events:
             log(f"{event['component']}: {event['what']}")
         if events:

@@ -5,7 +5,7 @@
     ...
     dead letters         14 on behavior-events-dlq
 
-"Behind" is the log's end minus what a component has made durable: the feature job's offsets
+"Behind" is the log's end minus what a component has made durable: each Flink job's offsets
 committed with its last checkpoint, the offline-store writer's committed offsets, the
 trainer's offsets in its newest published version. Below the table, the stack's recent
 events (restarts), newest last.
@@ -27,7 +27,14 @@ from connectors.kafka import BrokerError, consumer, log_ends
 from connectors.log_epoch import read_epoch
 from freshrec.config import Settings
 from freshrec.stack import alive
-from jobs.topics import epoch_topic, examples_topic, feature_job_id, feature_log_topic, offline_group
+from jobs.topics import (
+    catalogue_job_id,
+    epoch_topic,
+    examples_topic,
+    feature_job_id,
+    feature_log_topic,
+    offline_group,
+)
 from online_learning.publish import ParameterStore
 from streaming.flink import checkpoint_root, latest_checkpoint
 
@@ -89,8 +96,11 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
         pid = pids.get(name)
         return Part(name, "up" if pid and alive(pid, group=True) else "DOWN")
 
-    broker, redis_part, job, offline, trainer, api = (part(n) for n in ("broker", "redis", "feature_job",
-                                                                       "offline_store", "trainer", "api"))
+    broker, redis_part, offline, trainer, api = (part(n) for n in ("broker", "redis", "offline_store", "trainer",
+                                                                  "api"))
+    # The catalogue job runs only when the catalogue defines something (see freshrec/stack.py).
+    jobs = [(part(n), job_id(s)) for n, job_id in (("feature_job", feature_job_id),
+                                                   ("catalogue_job", catalogue_job_id)) if n in pids]
     dlq = Part("dead letters", "")
     log: LogOffsets | None = None
     examples_end: dict[int, int] = {}
@@ -103,8 +113,9 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
         broker.details.append(f"not answering at {s.kafka_bootstrap}: {exc}")
     if log is not None:
         try:
-            job.figures["behind"] = lag = log.behind(s.events_topic, feature_job_id(s))
-            job.details.append(f"behind by {lag} events (as of its last checkpoint)")
+            for job, job_id in jobs:
+                job.figures["behind"] = lag = log.behind(s.events_topic, job_id)
+                job.details.append(f"behind by {lag} events (as of its last checkpoint)")
             offline.figures["behind"] = lag = log.behind(feature_log_topic(s), offline_group(s))
             offline.details.append(f"behind by {lag} feature rows")
             dead = sum(log.end(s.dlq_topic).values())
@@ -116,13 +127,14 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
         finally:
             log.close()
 
-    ckpt = latest_checkpoint(checkpoint_root(s, feature_job_id(s)))
-    if ckpt is None:
-        job.details.append("no checkpoint yet")
-    else:
-        age = time.time() - (ckpt / "_metadata").stat().st_mtime
-        job.figures |= {"checkpoint": ckpt.name, "checkpoint_age_s": round(age, 1)}
-        job.details.append(f"last checkpoint {ckpt.name}, {_ago(age)}")
+    for job, job_id in jobs:
+        ckpt = latest_checkpoint(checkpoint_root(s, job_id))
+        if ckpt is None:
+            job.details.append("no checkpoint yet")
+        else:
+            age = time.time() - (ckpt / "_metadata").stat().st_mtime
+            job.figures |= {"checkpoint": ckpt.name, "checkpoint_age_s": round(age, 1)}
+            job.details.append(f"last checkpoint {ckpt.name}, {_ago(age)}")
 
     try:
         client = redis.Redis.from_url(s.redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -151,7 +163,7 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
                            + (f" (published {model['lag_ms']} ms ago)" if model["lag_ms"] is not None else ""))
     except (httpx.HTTPError, ValueError, KeyError) as exc:
         api.details.append(f"not answering at {doc['api']}: {exc}")
-    return [broker, redis_part, job, offline, trainer, api, dlq]
+    return [broker, redis_part, *(job for job, _ in jobs), offline, trainer, api, dlq]
 
 
 def render(parts: list[Part], events: list[dict[str, Any]]) -> str:

@@ -8,8 +8,6 @@
            '-> co-visit pairs -> key by item: top neighbours                       (item_covisit)
       -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
       -> every feature row to the feature-log topic (the offline store's input)
-      -> the feature catalogue (streaming/definitions.py): online rows to Redis as above, final
-         rows to the feature log, records behind the settled horizon to the DLQ
     item_recent also hands each event, with the user's and the item's features from *before*
     it, to one training-example builder -> the examples topic (the trainer's input)
 
@@ -22,6 +20,9 @@ Run: ``python -m jobs.feature_job`` with FRESHREC_* variables set (``freshrec up
 the local mini-cluster the process also watches the log epoch (connectors/log_epoch.py): when
 the broker lost its log, it cancels the job and starts over from the last checkpoint, reading
 the new log from its start.
+
+The analysts' catalogue runs as a job of its own over the same log (jobs/catalogue_job.py), so
+however heavy it grows, it cannot hold back these views or the training examples.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from pyflink.common import Duration, Types, WatermarkStrategy
@@ -68,7 +70,6 @@ from jobs.topics import (
     topic_plan,
 )
 from online_learning.examples import ExampleBuilder
-from streaming.definitions import attach
 from streaming.flink import environment
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
 
@@ -93,20 +94,25 @@ TRENDING_VIEW = "trending"
 
 
 class ParseEvents(ProcessFunction):
-    """Validate raw JSON; refused and too-late events leave through the DLQ side output."""
+    """Validate raw JSON; refused and too-late events leave through the DLQ side output, named
+    as from ``source``. Without ``report_invalid``, refused events are left out: another job
+    reading the same log (the feature job) reports each of them."""
 
-    def __init__(self, allowed_lateness_ms: int) -> None:
-        self.allowed_lateness_ms = allowed_lateness_ms
+    def __init__(self, allowed_lateness_ms: int, source: str = "feature_job", report_invalid: bool = True) -> None:
+        self.allowed_lateness_ms, self.source, self.report_invalid = allowed_lateness_ms, source, report_invalid
         self.watermark, self.asked_at = -(2**63), 0.0
 
     def process_element(self, value: str, ctx: ProcessFunction.Context):  # noqa: ANN201
         try:
             e = validate(value)
         except InvalidEvent as err:
-            yield DLQ, dead_letter(value, err, "feature_job").decode()
+            if self.report_invalid:
+                yield DLQ, dead_letter(value, err, self.source).decode()
             return
         except Exception as exc:  # noqa: BLE001 - a bug in validation must not make the event a poison pill
-            yield DLQ, dead_letter(value, f"validation failed: {exc.__class__.__name__}: {exc}", "feature_job").decode()
+            if self.report_invalid:
+                yield DLQ, dead_letter(value, f"validation failed: {exc.__class__.__name__}: {exc}",
+                                       self.source).decode()
             return
         now = time.monotonic()
         if now - self.asked_at > 0.01:  # a call into Java; the watermark moves slowly anyway
@@ -115,7 +121,7 @@ class ParseEvents(ProcessFunction):
         if e.ts < watermark - self.allowed_lateness_ms:
             late = InvalidEvent("ts", f"late by {watermark - e.ts} ms; the allowed lateness is "
                                       f"{self.allowed_lateness_ms} ms (FRESHREC_ALLOWED_LATENESS_MS)")
-            yield DLQ, dead_letter(value, late, "feature_job").decode()
+            yield DLQ, dead_letter(value, late, self.source).decode()
             return
         yield e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""
 
@@ -377,7 +383,7 @@ class FeastSink(KeyedProcessFunction):
                 time.sleep(min(0.05 * 2**attempt, 2))
 
 
-def _kafka_sink(s: Settings, topic: str) -> KafkaSink:
+def kafka_sink(s: Settings, topic: str) -> KafkaSink:
     return (KafkaSink.builder()
             .set_bootstrap_servers(s.kafka_bootstrap)
             .set_record_serializer(KafkaRecordSerializationSchema.builder()
@@ -388,26 +394,46 @@ def _kafka_sink(s: Settings, topic: str) -> KafkaSink:
             .build())
 
 
+def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "feature_job",
+                report_invalid: bool = True) -> Any:
+    """The source and its parsing: Kafka behavior events -> EVENT tuples in event time; refused
+    and too-late events to the DLQ topic. ``group``: the job's consumer group."""
+    kafka = (KafkaSource.builder()
+             .set_bootstrap_servers(s.kafka_bootstrap)
+             .set_topics(s.events_topic)
+             .set_group_id(group)
+             .set_starting_offsets(KafkaOffsetsInitializer.earliest())
+             .set_value_only_deserializer(SimpleStringSchema())
+             .set_property("session.timeout.ms", "6000")
+             # The embedded broker holds every fetch for its full wait, even once records have come
+             # (measured: Kafka's default 500 ms gave 130 ms p50 per hop, 50 ms gives 10 ms).
+             .set_property("fetch.max.wait.ms", str(s.fetch_wait_ms))
+             .build())
+    watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
+                  .with_idleness(Duration.of_millis(s.idle_timeout_ms)))
+    raw = env.from_source(kafka, watermarks, s.events_topic).uid(f"source-{epoch.id}")
+    events = (raw.process(ParseEvents(s.allowed_lateness_ms, source, report_invalid), output_type=EVENT)
+              .name("parse").uid("parse"))
+    events.get_side_output(DLQ).sink_to(kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
+    return events
+
+
+def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = ()) -> None:
+    """Feature rows -> Redis in Feast's layout; rows and ``finals`` -> the feature log."""
+    parallelism = s.parallelism
+    first, *rest = rows
+    written = (first.union(*rest)
+               .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
+               .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
+    written.union(*finals).sink_to(kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+
+
 def build(env: Any, s: Settings, epoch: Epoch) -> None:
     """source -> transformations -> sinks, as drawn in the module docstring.
 
     Every stateful operator has a fixed uid, so a checkpoint restores into it whatever else
     changes. The source's uid names the log epoch: its offsets belong to that log alone."""
-    source = (KafkaSource.builder()
-              .set_bootstrap_servers(s.kafka_bootstrap)
-              .set_topics(s.events_topic)
-              .set_group_id(feature_job_id(s))
-              .set_starting_offsets(KafkaOffsetsInitializer.earliest())
-              .set_value_only_deserializer(SimpleStringSchema())
-              .set_property("session.timeout.ms", "6000")
-              .build())
-    watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
-                  .with_idleness(Duration.of_millis(s.idle_timeout_ms)))
-    raw = env.from_source(source, watermarks, s.events_topic).uid(f"source-{epoch.id}")
-
-    events = raw.process(ParseEvents(s.allowed_lateness_ms), output_type=EVENT).name("parse").uid("parse")
-    events.get_side_output(DLQ).sink_to(_kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
-
+    events = read_events(env, s, epoch, feature_job_id(s))
     users = (events.key_by(lambda e: e[1], key_type=Types.STRING())
              .process(UserFeatures(s), output_type=ROW).name("user_recent").uid("user_recent"))
     new_events = users.get_side_output(NEW_EVENTS)
@@ -416,30 +442,20 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     examples = (items.get_side_output(EXAMPLE_INPUTS).key_by(lambda e: "all", key_type=Types.STRING())
                 .process(TrainingExamples(s), output_type=Types.STRING()).name("training_examples")
                 .uid("training_examples"))
-    examples.sink_to(_kafka_sink(s, examples_topic(s))).name("examples").uid("examples")
+    examples.sink_to(kafka_sink(s, examples_topic(s))).name("examples").uid("examples")
     covisit = (users.get_side_output(PAIRS).key_by(lambda p: p[0], key_type=Types.STRING())
                .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit").uid("item_covisit"))
     trending = (items.key_by(lambda r: "all", key_type=Types.STRING())
                 .process(TrendingItems(s), output_type=ROW).name("trending").uid("trending"))
-
-    # The analysts' catalogue (features/catalog.py or FRESHREC_FEATURES), over de-duplicated events.
-    rows, finals, late = attach(new_events, s.features, s.allowed_lateness_ms, online=True)
-    for stream in late:
-        stream.sink_to(_kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
-
-    parallelism = s.parallelism
-    written = (users.union(items, covisit, trending, *rows)
-               .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
-               .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
-    written.union(*finals).sink_to(_kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+    write_rows(s, [users, items, covisit, trending])
 
 
-def log(message: str) -> None:
+def log(message: str, job: str = JOB_NAME) -> None:
     # stdout, also from operators: the JVM that runs them in thread mode drops its stderr.
-    print(f"[{JOB_NAME}] {message}", flush=True)
+    print(f"[{job}] {message}", flush=True)
 
 
-def follow(client: Any, watch: EpochWatch) -> bool:
+def follow(client: Any, watch: EpochWatch, job: str = JOB_NAME) -> bool:
     """Wait on a running job; True when it was cancelled because the log was replaced. A job
     that fails for good raises here (Flink has already retried with its restart strategy)."""
     while True:
@@ -453,13 +469,14 @@ def follow(client: Any, watch: EpochWatch) -> bool:
         down = watch.unreachable_since
         new = watch.changed()
         if watch.unreachable_since and not down:
-            log(f"the broker at {watch.bootstrap} does not answer; the job keeps its state and waits for it")
+            log(f"the broker at {watch.bootstrap} does not answer; the job keeps its state and waits for it", job)
         elif down and not watch.unreachable_since and not new:
-            log(f"the broker is back after {time.monotonic() - down:.0f}s with the same log (epoch {watch.current})")
+            log(f"the broker is back after {time.monotonic() - down:.0f}s with the same log "
+                f"(epoch {watch.current})", job)
         if new is not None:
             log(f"WARNING: the event log was replaced (the broker lost its data; new log epoch {new}). "
                 "Cancelling the job, then resuming every feature's state from its last checkpoint and reading "
-                "the new log from its start")
+                "the new log from its start", job)
             client.cancel().result()
             try:
                 client.get_job_execution_result().result()  # returns once it is gone; raises as it was cancelled
@@ -469,20 +486,22 @@ def follow(client: Any, watch: EpochWatch) -> bool:
         time.sleep(0.5)
 
 
-def main() -> int:
+def run(job: str, job_id: Callable[[Settings], str], build: Callable[[Any, Settings, Epoch], None]) -> int:
+    """Build a job on the configured environment and run it: detached on a cluster; locally,
+    watched, and started over in a fresh process when the broker lost its log."""
     settings = Settings.from_env()
     epoch = prepare_log(settings)
-    env = environment(settings, feature_job_id(settings))
+    env = environment(settings, job_id(settings))
     build(env, settings, epoch)
     log(f"reading {settings.events_topic} at {settings.kafka_bootstrap} (log epoch {epoch}), "
-        f"writing Feast project {settings.feast_project} at {settings.redis_url}")
+        f"writing Feast project {settings.feast_project} at {settings.redis_url}", job)
     if settings.flink_mode == "cluster":  # submitted detached; a durable Kafka keeps its log
-        env.execute(JOB_NAME)
+        env.execute(job)
         return 0
     watch = EpochWatch(settings.kafka_bootstrap, topic_plan(settings), epoch_topic(settings),
                        settings.broker_check_ms, current=epoch)
     try:
-        replaced = follow(env.execute_async(JOB_NAME), watch)
+        replaced = follow(env.execute_async(job), watch, job)
     finally:
         watch.close()
     if replaced:
@@ -490,6 +509,10 @@ def main() -> int:
         # pickled into a second job. The gateway JVM exits with us (its stdin closes on exec).
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
+
+
+def main() -> int:
+    return run(JOB_NAME, feature_job_id, build)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,17 @@ from connectors.log_epoch import Epoch, ensure_log
 from freshrec.config import Settings
 
 JOB_NAME = "freshrec-features"
+CATALOGUE_JOB_NAME = "freshrec-catalogue"
 
 
 def feature_job_id(settings: Settings) -> str:
     """The feature job of a project: its Kafka consumer group and its checkpoint folder."""
     return f"{JOB_NAME}-{settings.feast_project}"
+
+
+def catalogue_job_id(settings: Settings) -> str:
+    """The catalogue job of a project: its Kafka consumer group and its checkpoint folder."""
+    return f"{CATALOGUE_JOB_NAME}-{settings.feast_project}"
 
 
 def offline_group(settings: Settings) -> str:

@@ -150,10 +150,11 @@ class DynamicTable:
         self._evict(np.array([self.ids[k] for k in keys if k in self.ids], dtype=np.int64))
         self.removed.clear()
 
-    def delta(self) -> tuple[dict[str, np.ndarray], list[str]]:
+    def delta(self, keep: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
         changed = sorted(k for k in self.changed if k in self.ids)
         removed = sorted(self.removed)
-        self.changed, self.removed = set(), set()
+        if not keep:
+            self.changed, self.removed = set(), set()
         return self.rows(changed), removed
 
 
@@ -287,12 +288,13 @@ class TwoTower:
         return {"model": self.name, "kind": kind, "hyper": self.hyper, "newest": self.newest,
                 "examples": self.examples}
 
-    def state_delta(self) -> bytes | None:
+    def state_delta(self, keep: bool = False) -> bytes | None:
+        """The rows changed (and removed) since the last call that did not ``keep`` them."""
         if not (self.users.changed or self.users.removed or self.items.changed or self.items.removed):
             return None
         arrays: dict[str, np.ndarray] = {}
         for name, table in (("u_", self.users), ("i_", self.items)):
-            rows, removed = table.delta()
+            rows, removed = table.delta(keep)
             arrays |= {name + k: v for k, v in rows.items()}
             arrays[name + "removed"] = strings(removed)
         return encode(self._header("delta"), arrays)

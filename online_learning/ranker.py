@@ -207,13 +207,15 @@ class FTRLRanker:
                 "newest": self.newest, "examples": self.examples,
                 "iterations": self.model.optimizer.n_iterations}
 
-    def state_delta(self) -> bytes | None:
-        """The rows changed (and removed) since the last call, or None when nothing changed."""
+    def state_delta(self, keep: bool = False) -> bytes | None:
+        """The rows changed (and removed) since the last call that did not ``keep`` them, or None
+        when nothing changed."""
         if not self._changed and not self._removed:
             return None
         arrays = self._arrays(sorted(self._changed))
         arrays["removed"] = strings(sorted(self._removed))
-        self._changed, self._removed = set(), set()
+        if not keep:
+            self._changed, self._removed = set(), set()
         return encode(self._header("delta"), arrays)
 
     def apply_delta(self, blob: bytes) -> None:

@@ -81,10 +81,11 @@ class OnlineRecommender:
         mf = self.embedding.score_many(user, [i for i, _ in candidates], user_id).astype(np.float64)
         return self.ranker.score_many(user, candidates, mf)
 
-    def state_delta(self) -> dict[str, bytes]:
+    def state_delta(self, keep: bool = False) -> dict[str, bytes]:
+        """Each model's changes since the last call that did not ``keep`` them."""
         out = {}
         for name, model in self.models.items():
-            blob = model.state_delta()
+            blob = model.state_delta(keep)
             if blob is not None:
                 out[name] = blob
         return out

@@ -120,17 +120,19 @@ class Trainer:
                      + (f" (rollback to {chain[-1].meta['rollback_of']})" if "rollback_of" in chain[-1].meta else ""))
 
     def publish(self, snapshot: bool = False) -> int | None:
-        """Publish what changed (or everything); None when nothing changed or the gate refused."""
+        """Publish what changed (or everything); None when nothing changed or the gate refused.
+        Changes leave the models' change sets only once published: a refused delta's rows go
+        out with the next one, so readers never have to load a whole snapshot after a refusal
+        (the API took seconds to, which showed as multi-second event -> visible outliers)."""
         self.rec.embedding.step()  # examples waiting for a full batch belong in what goes out
-        if snapshot and not self.need_snapshot and self.publish(snapshot=False) is None and self.need_snapshot:
-            return None  # the delta before it was refused
+        if snapshot and not self.need_snapshot and self.publish(snapshot=False) is None \
+                and self.rec.state_delta(keep=True):
+            return None  # the delta before it was refused: the snapshot's base would not be published
         snapshot = snapshot or self.need_snapshot
         # A periodic snapshot follows a delta and equals the state at that version (its base), so
-        # readers there skip it; one after a refusal stands alone (base 0) and everyone loads it.
+        # readers there skip it; the first one stands alone (base 0) and everyone loads it.
         base = self.version if snapshot and not self.need_snapshot else 0
-        blobs = self.rec.snapshot() if snapshot else self.rec.state_delta()
-        if snapshot:
-            self.rec.state_delta()  # the next delta starts from this snapshot
+        blobs = self.rec.snapshot() if snapshot else self.rec.state_delta(keep=True)
         if not blobs:
             return None
         reason = None
@@ -140,8 +142,6 @@ class Trainer:
                 reason = f"{name}: {reason}"
                 break
         if reason:
-            # The changes in a refused delta are not sent again: the next publish is a full snapshot.
-            self.need_snapshot = True
             self.log(f"refused to publish {'a snapshot' if snapshot else 'a delta'}: {reason}")
             return None
         auc = self.gate.auc()
@@ -149,6 +149,7 @@ class Trainer:
                 "examples": self.learned}
         self.version = self.store.publish("snapshot" if snapshot else "delta", blobs,
                                           base if snapshot else self.version, meta)
+        self.rec.state_delta()  # published: the next delta starts from here
         self.rec.ranker.pin()  # what serves from now on: the gate's reference
         self.need_snapshot = False
         self.last_kind = "snapshot" if snapshot else "delta"
@@ -167,7 +168,7 @@ class Trainer:
                      f"{watch.current} (it lost its data): reading {self.topic} from its start")
             self.offsets = {}
         self.epoch = watch.current.id
-        c = consumer(s.kafka_bootstrap, group=None, enable_auto_commit=False)
+        c = consumer(s.kafka_bootstrap, group=None, enable_auto_commit=False, fetch_max_wait_ms=s.fetch_wait_ms)
         self._assign(c)
         last_pub = last_snap = last_example = time.monotonic()
         self.log(f"reading {self.topic} at {s.kafka_bootstrap}, publishing to {s.redis_url} "

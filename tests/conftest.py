@@ -21,8 +21,8 @@ from connectors.feast_redis import FeastRedisReader
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
-from freshrec.stack import start_feature_job, stop_group
-from jobs.topics import prepare_log
+from freshrec.stack import start_catalogue_job, start_feature_job, stop_group
+from jobs.topics import CATALOGUE_JOB_NAME, JOB_NAME, prepare_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,16 +81,18 @@ def make_settings(broker: Service, redis_server: Service, workdir: Path) -> Call
 
 
 class JobProcess:
-    """The feature job as its own process (and process group, so the JVM goes with it)."""
+    """A Flink job (the feature job, or ``catalogue``: the catalogue job) as its own process
+    (and process group, so the JVM goes with it)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, catalogue: bool = False) -> None:
         self.settings = settings
-        self.log = settings.state_dir / "feature_job.log"
+        self.name = "catalogue_job" if catalogue else "feature_job"
+        self.log = settings.state_dir / f"{self.name}.log"
         start = self.log.stat().st_size if self.log.exists() else 0  # a restarted job appends to the log
-        self.proc = start_feature_job(settings, settings.state_dir)
+        self.proc = (start_catalogue_job if catalogue else start_feature_job)(settings, settings.state_dir)
         # Fail fast on a job that cannot even be built, instead of timing out in the test.
-        wait_until(lambda: self.check_alive() or "[freshrec-features] reading" in self.output(start), 120,
-                   "the feature job to start")
+        ready = f"[{CATALOGUE_JOB_NAME if catalogue else JOB_NAME}] reading"
+        wait_until(lambda: self.check_alive() or ready in self.output(start), 120, f"the {self.name} to start")
 
     def output(self, start: int = 0) -> str:
         with self.log.open(errors="replace") as f:
@@ -111,7 +113,7 @@ class JobProcess:
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"feature job exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            raise AssertionError(f"{self.name} exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="session")

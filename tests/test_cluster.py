@@ -59,7 +59,9 @@ def submit(c: StandaloneCluster, s: Settings) -> str:
 def test_job_runs_unchanged_on_a_cluster(cluster: StandaloneCluster,
                                          make_settings: Callable[[str], Settings]) -> None:
     wait_until(lambda: taskmanagers(cluster) == 1, 120, "a TaskManager to register")
-    s = make_settings("cluster").replace(flink_jobmanager=cluster.address, flink_mode="cluster")
+    # The feature job alone (one slot): the catalogue job is submitted the same way, through run().
+    s = make_settings("cluster").replace(flink_jobmanager=cluster.address, flink_mode="cluster",
+                                         features="features.none")
     reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
     first = generated("cl1-", 200, seed=21)
     job = submit(cluster, s)

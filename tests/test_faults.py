@@ -237,10 +237,12 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
     # 5. `freshrec status` tells the story.
     doc = json.loads((s.state_dir / "stack.json").read_text())
     parts = {p.component: p for p in collect(s, doc)}
-    assert all(parts[n].state == "up" for n in ("broker", "redis", "feature_job", "offline_store", "trainer", "api"))
+    assert all(parts[n].state == "up" for n in ("broker", "redis", "feature_job", "catalogue_job", "offline_store",
+                                                "trainer", "api"))
     assert parts["broker"].figures["epoch"] == new_epoch.id
     assert parts["feature_job"].figures["checkpoint"].startswith("chk-")
     assert parts["feature_job"].figures["behind"] >= 0
+    assert parts["catalogue_job"].figures["behind"] >= 0  # the default catalogue runs as a job of its own
     assert parts["trainer"].figures["published_version"] >= 1
     assert parts["api"].figures["served_version"] >= 1
     assert parts["dead letters"].figures["count"] == 0

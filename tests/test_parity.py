@@ -84,7 +84,7 @@ def parity(make_settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
     events = _log(500, s.allowed_lateness_ms, seed=11)
     log_file = folder / "log.jsonl"
     log_file.write_text("".join(json.dumps(e) + "\n" for e in events))
-    job = JobProcess(s)
+    job = JobProcess(s, catalogue=True)
     try:
         with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
             for e in events:
