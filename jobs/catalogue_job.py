@@ -8,10 +8,10 @@
       -> online rows: key by shard, then Redis in Feast's layout (as the feature job does)
       -> final rows to the feature-log topic; records behind the settled horizon to the DLQ
 
-A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream, so a
-catalogue that fell behind back-pressured the training examples (event -> parameters visible
-p99 1.4-2.5 s with the default catalogue, against 0.45 s without). Apart, each has its own
-consumer group, checkpoints and restarts, and a catalogue change restarts only this job.
+A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream and one
+embedded interpreter (its Python sat at ~105% of a core at 300 events/s), so a busy catalogue
+held back the training examples. Apart, each has its own consumer group, checkpoints and
+restarts, and a catalogue change restarts only this job.
 
 Run: ``python -m jobs.catalogue_job`` with FRESHREC_* variables set (``freshrec up`` does,
 when the catalogue has definitions).
