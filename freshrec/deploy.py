@@ -28,8 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from freshrec.config import Settings
-from jobs.catalogue_job import has_definitions
-from jobs.topics import catalogue_job_id, feature_job_id, topic_plan
+from jobs.topics import JOB_IDS, has_definitions, topic_plan
 from streaming.flink import PROJECT_ROOT, checkpoint_root, latest_checkpoint
 
 SECRET = {"FRESHREC_ADMIN_API_KEY"}
@@ -42,10 +41,8 @@ def packages_zip(settings: Settings) -> Path:
 
 def jobs(settings: Settings) -> dict[str, str]:
     """The jobs to run, each with its id (consumer group and checkpoint folder)."""
-    out = {"feature_job": feature_job_id(settings)}
-    if has_definitions(settings):
-        out["catalogue_job"] = catalogue_job_id(settings)
-    return out
+    catalogue = has_definitions(settings)
+    return {name: job_id(settings) for name, job_id in JOB_IDS.items() if name != "catalogue_job" or catalogue}
 
 
 def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink",

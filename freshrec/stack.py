@@ -27,14 +27,13 @@ import httpx
 
 from connectors.embedded import Service, ServiceError, start_broker, start_redis, wait_for_port
 from freshrec.config import Settings
-from jobs.topics import prepare_log
+from jobs.topics import JOB_IDS, has_definitions, prepare_log
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTARTS, RESTART_WINDOW_S = 5, 600
 # The stack's processes, in start order, and their modules (the API runs under uvicorn).
 PROCESSES = {"feature_job": "jobs.feature_job", "catalogue_job": "jobs.catalogue_job",
              "offline_store": "connectors.offline_store", "trainer": "online_learning.trainer", "api": "serving.app"}
-JOBS = ("feature_job", "catalogue_job")  # Flink jobs: restarted from their last checkpoints
 
 
 def stack_file(settings: Settings) -> Path:
@@ -162,7 +161,6 @@ class Stack:
     @classmethod
     def start(cls, settings: Settings, log: Any = print) -> Stack:
         from features.store import apply
-        from jobs.catalogue_job import has_definitions
 
         stack = cls(settings)
         try:
@@ -230,7 +228,7 @@ class Stack:
             code = self._allow_restart(name, proc.returncode)
             self.procs[name] = self.start_process(name)
             events.append(record(self.settings.state_dir, name, f"exited ({code}); restarted"
-                                 + (" from its last checkpoint" if name in JOBS else "")))
+                                 + (" from its last checkpoint" if name in JOB_IDS else "")))
         for event in events:
             log(f"{event['component']}: {event['what']}")
         if events:

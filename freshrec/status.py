@@ -27,14 +27,7 @@ from connectors.kafka import BrokerError, consumer, log_ends
 from connectors.log_epoch import read_epoch
 from freshrec.config import Settings
 from freshrec.stack import alive
-from jobs.topics import (
-    catalogue_job_id,
-    epoch_topic,
-    examples_topic,
-    feature_job_id,
-    feature_log_topic,
-    offline_group,
-)
+from jobs.topics import JOB_IDS, epoch_topic, examples_topic, feature_log_topic, offline_group
 from online_learning.publish import ParameterStore
 from streaming.flink import checkpoint_root, latest_checkpoint
 
@@ -99,8 +92,7 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
     broker, redis_part, offline, trainer, api = (part(n) for n in ("broker", "redis", "offline_store", "trainer",
                                                                   "api"))
     # The catalogue job runs only when the catalogue defines something (see freshrec/stack.py).
-    jobs = [(part(n), job_id(s)) for n, job_id in (("feature_job", feature_job_id),
-                                                   ("catalogue_job", catalogue_job_id)) if n in pids]
+    jobs = [(part(n), job_id(s)) for n, job_id in JOB_IDS.items() if n in pids]
     dlq = Part("dead letters", "")
     log: LogOffsets | None = None
     examples_end: dict[int, int] = {}

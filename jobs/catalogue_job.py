@@ -26,16 +26,10 @@ from typing import Any
 from pyflink.common import Types
 
 from connectors.log_epoch import Epoch
-from features.dsl import load
 from freshrec.config import Settings
 from jobs.feature_job import EVENT, kafka_sink, read_events, run, write_rows
 from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id
 from streaming.definitions import Deduplicate, attach
-
-
-def has_definitions(settings: Settings) -> bool:
-    """Whether the catalogue defines anything (``features.none`` does not): else no job runs."""
-    return bool(load(settings.features))
 
 
 def build(env: Any, s: Settings, epoch: Epoch) -> None:

@@ -3,7 +3,10 @@ groups that read them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from connectors.log_epoch import Epoch, ensure_log
+from features.dsl import load
 from freshrec.config import Settings
 
 JOB_NAME = "freshrec-features"
@@ -18,6 +21,16 @@ def feature_job_id(settings: Settings) -> str:
 def catalogue_job_id(settings: Settings) -> str:
     """The catalogue job of a project: its Kafka consumer group and its checkpoint folder."""
     return f"{CATALOGUE_JOB_NAME}-{settings.feast_project}"
+
+
+# The Flink jobs by their process names, each with its id (consumer group, checkpoint folder).
+JOB_IDS: dict[str, Callable[[Settings], str]] = {"feature_job": feature_job_id, "catalogue_job": catalogue_job_id}
+
+
+def has_definitions(settings: Settings) -> bool:
+    """Whether the catalogue defines anything (``features.none`` does not): else no catalogue
+    job runs. Here, not in jobs/catalogue_job.py, so callers skip importing PyFlink (~4.7 s)."""
+    return bool(load(settings.features))
 
 
 def offline_group(settings: Settings) -> str:

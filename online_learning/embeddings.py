@@ -154,8 +154,11 @@ class DynamicTable:
         changed = sorted(k for k in self.changed if k in self.ids)
         removed = sorted(self.removed)
         if not keep:
-            self.changed, self.removed = set(), set()
+            self.forget_delta()
         return self.rows(changed), removed
+
+    def forget_delta(self) -> None:
+        self.changed, self.removed = set(), set()
 
 
 class TwoTower:
@@ -298,6 +301,11 @@ class TwoTower:
             arrays |= {name + k: v for k, v in rows.items()}
             arrays[name + "removed"] = strings(removed)
         return encode(self._header("delta"), arrays)
+
+    def forget_delta(self) -> None:
+        """The next delta starts from now (what changed so far is published)."""
+        self.users.forget_delta()
+        self.items.forget_delta()
 
     def apply_delta(self, blob: bytes) -> None:
         header, arrays = decode_for(blob, self.name)

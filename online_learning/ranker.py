@@ -215,8 +215,12 @@ class FTRLRanker:
         arrays = self._arrays(sorted(self._changed))
         arrays["removed"] = strings(sorted(self._removed))
         if not keep:
-            self._changed, self._removed = set(), set()
+            self.forget_delta()
         return encode(self._header("delta"), arrays)
+
+    def forget_delta(self) -> None:
+        """The next delta starts from now (what changed so far is published)."""
+        self._changed, self._removed = set(), set()
 
     def apply_delta(self, blob: bytes) -> None:
         header, arrays = decode_for(blob, self.name)

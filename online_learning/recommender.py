@@ -90,6 +90,11 @@ class OnlineRecommender:
                 out[name] = blob
         return out
 
+    def forget_delta(self) -> None:
+        """The next delta starts from now, without encoding the one that is dropped."""
+        for model in self.models.values():
+            model.forget_delta()
+
     def apply_delta(self, blob: bytes) -> None:
         """Apply one model's delta or snapshot (the blob says which model and which kind)."""
         header, _ = decode(blob)

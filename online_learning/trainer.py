@@ -81,7 +81,7 @@ class Trainer:
             self.rec.ranker.pin()
             self.log(f"resumed at version {self.version} (snapshot {chain[0].version} + {len(chain) - 1} deltas), "
                      f"offsets {self.offsets}")
-        self.rec.state_delta()  # what was rebuilt is published already
+        self.rec.forget_delta()  # what was rebuilt is published already
         self.need_snapshot = rec is None
         self.learned = 0
         self.last_kind = ""
@@ -115,7 +115,7 @@ class Trainer:
         if rec is not None and chain:
             self.rec, self.version = rec, chain[-1].version
             self.rec.ranker.pin()
-            self.rec.state_delta()
+            self.rec.forget_delta()
             self.log(f"following version {self.version} published elsewhere"
                      + (f" (rollback to {chain[-1].meta['rollback_of']})" if "rollback_of" in chain[-1].meta else ""))
 
@@ -149,7 +149,7 @@ class Trainer:
                 "examples": self.learned}
         self.version = self.store.publish("snapshot" if snapshot else "delta", blobs,
                                           base if snapshot else self.version, meta)
-        self.rec.state_delta()  # published: the next delta starts from here
+        self.rec.forget_delta()  # published: the next delta starts from here
         self.rec.ranker.pin()  # what serves from now on: the gate's reference
         self.need_snapshot = False
         self.last_kind = "snapshot" if snapshot else "delta"
