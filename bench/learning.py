@@ -7,7 +7,7 @@
    item and user ids each loop (a catalogue that turns over), with TTL + LRU eviction and
    without; rows and bytes every 10% of the run.
 3. Event -> new parameters visible in the API, on the embedded stack (broker, PyFlink job,
-   trainer, API, all on this machine) under ``--rate`` events/s of background load: each probe
+   trainer, API, all on this machine) under each ``--rate`` events/s of background load: each probe
    is two views of a brand-new item (admission needs two sightings), timed from sending to
    ``GET /model?item_id=`` reporting that the served version has the item's row. p50/p99 in
    steady state: unrecorded warm-up probes run first until one is visible within 2 s (the job
@@ -15,9 +15,10 @@
    per ``--features`` catalogue (default: the default catalogue, then ``features.none``, the
    job's built-in views only), since the catalogue's definitions are most of the job's work.
    Each probe is split in two stages: the feature job (sent -> the second view's training
-   example read back from the examples topic) and the rest (trainer, publish, API poll).
+   example read back from the examples topic) and the rest (trainer, publish, API). Probes
+   whose window holds a periodic snapshot of the trainer are listed (it stalls the trainer).
 
-    python bench/learning.py [--events 50000] [--loops 4] [--rate 300] [--probes 60]
+    python bench/learning.py [--events 50000] [--loops 4] [--rate 100 200 300] [--probes 60]
                              [--features SPEC ...] [--skip-inprocess] [--skip-stack]
 """
 
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from freshness import workload  # noqa: E402
@@ -48,6 +50,7 @@ from freshrec.stack import Stack  # noqa: E402
 from jobs.topics import examples_topic  # noqa: E402
 from online_learning.embeddings import TwoTower  # noqa: E402
 from online_learning.examples import BatchExamples, Example, ExampleBuilder  # noqa: E402
+from online_learning.publish import ParameterStore  # noqa: E402
 from online_learning.ranker import FTRLRanker  # noqa: E402
 from online_learning.recommender import OnlineRecommender  # noqa: E402
 from online_learning.threads import one_thread  # noqa: E402
@@ -145,6 +148,8 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
     reader = threading.Thread(target=examples, daemon=True)
     latencies: list[float] = []
     job_ms: list[float | None] = []  # per visible probe: its feature-job stage
+    windows: list[tuple[int, int]] = []  # per visible probe: wall-clock ms sent, seen
+    snapshots: list[int] = []  # wall-clock ms of each snapshot the trainer published meanwhile
     missed = 0
     try:
         load.start()
@@ -165,6 +170,8 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
                             time.sleep(0.005)
                         if not name.startswith("warmup"):
                             job_ms.append((arrived[item] - sent) * 1000 if item in arrived else None)
+                            now_ms = time.time() * 1000
+                            windows.append((int(now_ms - (seen - sent) * 1000), int(now_ms)))
                         return (seen - sent) * 1000
                     time.sleep(0.01)
                 return None
@@ -185,6 +192,11 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
                 else:
                     latencies.append(seen)
                 time.sleep(0.3)
+        store = ParameterStore(redis.Redis.from_url(s.redis_url), s.feast_project)
+        for v in store.versions_after(0):
+            ver = store.get(v, blobs=False)
+            if ver is not None and ver.kind == "snapshot" and windows and ver.created_ms >= windows[0][0]:
+                snapshots.append(ver.created_ms)
     finally:
         stop.set()
         load.join(10)
@@ -195,13 +207,20 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
         return statistics.quantiles(xs, n=100, method="inclusive") if len(xs) >= 2 else [float("nan")] * 99
 
     q, qj = quantiles(latencies), quantiles([x for x in job_ms if x is not None])
+    qa = quantiles([t - j for t, j in zip(latencies, job_ms, strict=True) if j is not None])
     return {"features": features, "when": time.strftime("%Y-%m-%d %H:%M"), "background_rate": rate,
             "probes": probes, "warmup_s": round(warmup_s, 1), "visible": len(latencies),
             "missed_30s": missed, "kept_up": missed < 3,
             "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
             "feature_job_p50_ms": round(qj[49]), "feature_job_p99_ms": round(qj[98]),
+            # the rest of each probe: examples topic -> trainer -> publish -> Redis -> API
+            "after_job_p50_ms": round(qa[49]), "after_job_p99_ms": round(qa[98]),
             "fetch_wait_ms": s.fetch_wait_ms,
             "publish_interval_ms": s.publish_interval_ms, "api_poll_ms": s.model_poll_ms,
+            # A periodic snapshot stalls the trainer (~0.3 s: encode, check, a 30 MB write)
+            "snapshots": len(snapshots),
+            "probes_across_a_snapshot_ms": [round(t) for t, (a, b) in zip(latencies, windows, strict=True)
+                                            if any(a <= c <= b + 50 for c in snapshots)],
             "latencies_ms": [round(x) for x in latencies],
             "feature_job_ms": [None if x is None else round(x) for x in job_ms]}
 
@@ -210,7 +229,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--loops", type=int, default=4)
-    ap.add_argument("--rate", type=float, default=300)
+    ap.add_argument("--rate", type=float, nargs="+", default=[100, 200, 300],
+                    help="background events/s; visibility is measured at each (default: 100 200 300)")
     ap.add_argument("--probes", type=int, default=60)
     ap.add_argument("--features", action="append", help="catalogue(s) for the stack's feature job "
                     "(default: features.catalog and features.none)")
@@ -235,9 +255,10 @@ def main() -> int:
     if not args.skip_stack:
         report["visibility"] = []
         for features in args.features or ["features.catalog", "features.none"]:
-            report["visibility"].append(visibility(args.rate, args.probes, events, features))
-            print(json.dumps({k: v for k, v in report["visibility"][-1].items() if not isinstance(v, list)}),
-                  file=sys.stderr)
+            for rate in args.rate:
+                report["visibility"].append(visibility(rate, args.probes, events, features))
+                print(json.dumps({k: v for k, v in report["visibility"][-1].items() if not isinstance(v, list)}),
+                      file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")

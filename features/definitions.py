@@ -58,6 +58,7 @@ item_recent = FeatureView(
         Field(name="buys", dtype=Int64, description="purchases in the window"),
         Field(name="events", dtype=Int64, description="all behaviors in the window"),
         Field(name="buy_rate", dtype=Float64, description="buys / views in the window (0 without views)"),
+        Field(name="category", dtype=String, description="the category its newest event named (empty if none)"),
     ],
     source=_offline("item_recent"),
     owner="recsys@freshrec",

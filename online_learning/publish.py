@@ -7,7 +7,9 @@ snapshot, the version whose state it equals, 0 if none: a rollback), the
 Kafka offsets the trainer had consumed, the prequential metric and the time. The sorted
 set ``<project>:model:log`` lists versions in order; ``<project>:model:snapshots`` the
 snapshots. Deltas expire after ``delta_ttl_s``; snapshots are kept (the newest
-``keep_snapshots``), so a reader that fell behind, or a rollback, starts from one.
+``keep_snapshots``), so a reader that fell behind, or a rollback, starts from one. Each new
+version (and each canary change) is also announced on the pub/sub channel
+``<project>:model:published``, so readers wake at once instead of at their next poll.
 
 A reader applies a delta only on top of its base; any gap (expired delta, a rollback, a new
 trainer) sends it back to the newest snapshot. A reader already at a snapshot's base skips
@@ -47,6 +49,11 @@ class ParameterStore:
     def _key(self, version: int) -> str:
         return f"{self.prefix}:v:{version}"
 
+    @property
+    def channel(self) -> str:
+        """Where new versions and canary changes are announced (the message: a version, or 0)."""
+        return f"{self.prefix}:published"
+
     def publish(self, kind: str, blobs: dict[str, bytes], base: int, meta: dict[str, Any] | None = None) -> int:
         if kind not in ("delta", "snapshot"):
             raise ValueError(f"kind must be delta or snapshot, not {kind!r}")
@@ -61,6 +68,7 @@ class ParameterStore:
         else:
             pipe.zadd(f"{self.prefix}:snapshots", {str(version): version})
         pipe.zadd(f"{self.prefix}:log", {str(version): version})
+        pipe.publish(self.channel, version)
         pipe.execute()
         if kind == "snapshot":
             self._prune()
@@ -168,6 +176,7 @@ class ParameterStore:
             self.client.delete(f"{self.prefix}:canary")
         else:
             self.client.set(f"{self.prefix}:canary", json.dumps({"version": version, "share": share}))
+        self.client.publish(self.channel, version or 0)
 
     def canary(self) -> tuple[int, float] | None:
         raw = self.client.get(f"{self.prefix}:canary")

@@ -1,7 +1,8 @@
 """An FTRL-Proximal logistic ranker (river), updated on every example.
 
 Features: the user's and the item's recent counts (log-scaled), the item's buy rate, whether
-and how recently the user viewed the item, and the item's own id as a sparse feature. An id
+and how recently the user viewed the item, whether the item's category is among the user's
+top categories (and which), and the item's own id as a sparse feature. An id
 earns a weight only after ``min_count`` sightings (:mod:`online_learning.admission`) and
 loses it when unseen for ``ttl_ms`` of event time, so the model stays as large as the
 catalogue that is alive, not as large as everything ever seen.
@@ -78,6 +79,13 @@ def item_part(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | 
     if item_id in recent:
         x["seen"] = 1.0
         x["seen_recency"] = 1.0 / (1 + recent.index(item_id))
+    tops = (user or {}).get("top_categories") or []
+    category = (item or {}).get("category")
+    if category and category in tops:
+        # The strongest signal for items new to the user: on the Taobao slice, 38% of them are
+        # in the user's top 3 categories; next_new_item HR@10 0.0015 -> 0.0026 (README).
+        x["cat"] = 1.0
+        x["cat_rank"] = 1.0 / (1 + tops.index(category))
     return x
 
 
@@ -185,6 +193,13 @@ class FTRLRanker:
                         + cols[:, -1] * w.get("i_buy_rate", 0.0))
         logit += ~has * w.get("i_new", 0.0)
         logit += seen * (w.get("seen", 0.0) + w.get("seen_recency", 0.0) / (1 + np.where(seen, seen_at, 0)))
+        tops = (user or {}).get("top_categories") or []
+        if tops:
+            at = {c: pos for pos, c in reversed(list(enumerate(tops)))}
+            cat_at = np.fromiter((at.get(f.get("category"), -1) if f else -1 for f in rows), dtype=np.float64,
+                                 count=n)
+            match = cat_at >= 0
+            logit += match * (w.get("cat", 0.0) + w.get("cat_rank", 0.0) / (1 + np.where(match, cat_at, 0)))
         if mf is not None:
             logit += np.asarray(mf, dtype=np.float64) * w.get("mf", 0.0)
         return 1.0 / (1.0 + np.exp(-logit))

@@ -40,6 +40,8 @@ from online_learning.publish import ParameterStore, Version
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
 
+SLOW_PUBLISH_MS = 250  # logged: learning and publishing wait meanwhile
+
 
 def new_recommender(s: Settings) -> OnlineRecommender:
     return OnlineRecommender.default(min_count=s.min_count, ttl_ms=s.param_ttl_seconds * 1000,
@@ -124,6 +126,7 @@ class Trainer:
         Changes leave the models' change sets only once published: a refused delta's rows go
         out with the next one, so readers never have to load a whole snapshot after a refusal
         (the API took seconds to, which showed as multi-second event -> visible outliers)."""
+        started = time.perf_counter()
         self.rec.embedding.step()  # examples waiting for a full batch belong in what goes out
         if snapshot and not self.need_snapshot and self.publish(snapshot=False) is None \
                 and self.rec.state_delta(keep=True):
@@ -153,6 +156,9 @@ class Trainer:
         self.rec.ranker.pin()  # what serves from now on: the gate's reference
         self.need_snapshot = False
         self.last_kind = "snapshot" if snapshot else "delta"
+        took_ms = (time.perf_counter() - started) * 1000
+        if took_ms > SLOW_PUBLISH_MS:
+            self.log(f"publishing version {self.version} ({self.last_kind}) took {took_ms:.0f} ms")
         return self.version
 
     # -- the loop -------------------------------------------------------------------------------

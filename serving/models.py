@@ -1,8 +1,9 @@
 """The models the API serves, kept current from the trainer's published versions.
 
-A background thread polls the parameter store every FRESHREC_MODEL_POLL_MS and applies new
-deltas under a lock that requests take only to score, so a request sees one version whole
-and never waits for a download. A chain that starts from a full snapshot (a rollback, a
+A background thread applies new versions as the trainer announces them (Redis pub/sub), and
+polls the parameter store every FRESHREC_MODEL_POLL_MS besides, in case an announcement is
+lost (a reconnect). It applies deltas under a lock that requests take only to score, so a
+request sees one version whole and never waits for a download. A chain that starts from a full snapshot (a rollback, a
 gap, a new trainer) is built beside the serving model, warmed up on recent requests and
 switched in one assignment (blue-green); if it fails the warm-up, the old one keeps serving.
 
@@ -52,7 +53,7 @@ class Choice:
 
 
 class ServedModels:
-    def __init__(self, store: ParameterStore, poll_ms: int = 50, keep_versions: int = 3,
+    def __init__(self, store: ParameterStore, poll_ms: int = 250, keep_versions: int = 3,
                  freeze: bool = False) -> None:
         self.store, self.poll_s = store, poll_ms / 1000
         self.freeze = freeze  # freeze_heap() after a model switch: for a process that only serves
@@ -123,8 +124,33 @@ class ServedModels:
                 self._others.popitem(last=False)
         return rec
 
+    def _wait(self, pubsub: Any) -> Any:
+        """Until a version is announced or the poll interval passes; returns the subscription,
+        or None after it broke (the caller subscribes again on its next round)."""
+        if pubsub is None:
+            try:
+                pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.store.channel)
+            except (redis.RedisError, OSError):
+                self._stop.wait(self.poll_s)
+                return None
+        deadline = time.monotonic() + self.poll_s
+        try:
+            while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                if pubsub.get_message(timeout=min(left, 0.5)) is not None:  # slices: stop() is not kept waiting
+                    while pubsub.get_message(timeout=0) is not None:  # a burst: one refresh covers it
+                        pass
+                    break
+            return pubsub
+        except (redis.RedisError, OSError):
+            pubsub.close()
+            self._stop.wait(self.poll_s)
+            return None
+
     def start(self) -> None:
         def loop() -> None:
+            # Polling alone cost half the poll interval on average between publish and serve.
+            pubsub = None
             while not self._stop.is_set():
                 try:
                     self.refresh()
@@ -133,7 +159,9 @@ class ServedModels:
                     if self.error != str(exc):
                         log.warning("cannot follow model versions: %s", exc)
                     self.error = str(exc)
-                self._stop.wait(self.poll_s)
+                pubsub = self._wait(pubsub)
+            if pubsub is not None:
+                pubsub.close()
 
         self._thread = threading.Thread(target=loop, name="model-follower", daemon=True)
         self._thread.start()

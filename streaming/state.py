@@ -194,15 +194,24 @@ class UserState:
 
 
 class ItemState:
-    """Recent views, carts, buys and the buy rate of one item."""
+    """Recent views, carts, buys and the buy rate of one item, and its category.
 
-    __slots__ = ("counts", "newest")
+    The category is the one of the newest event that names one (ties: the greater id), so it
+    too does not depend on arrival order."""
+
+    __slots__ = ("category", "category_ts", "counts", "newest")
 
     def __init__(self) -> None:
         self.newest = 0
         self.counts = PaneCounts()
+        self.category, self.category_ts = "", -1
 
     def add(self, ev: Ev, spec: Spec) -> bool:
+        if ev.category_id:
+            # state pickled before these fields existed has no value in their slots
+            at, known = getattr(self, "category_ts", -1), getattr(self, "category", "")
+            if ev.ts > at or (ev.ts == at and ev.category_id > known):
+                self.category, self.category_ts = ev.category_id, ev.ts
         self.newest = max(self.newest, ev.ts)
         return self.counts.add(ev.ts, ev.behavior, spec.pane_ms, spec.window_ms)
 
@@ -215,6 +224,7 @@ class ItemState:
             "buys": buys,
             "events": sum(totals.values()),
             "buy_rate": buys / views if views else 0.0,
+            "category": getattr(self, "category", ""),
         }
 
 

@@ -24,5 +24,8 @@ def user_features(events: list[BehaviorEvent], user: str, spec: Spec) -> dict[st
 
 
 def item_features(events: list[BehaviorEvent], item: str, spec: Spec) -> dict[str, object]:
-    recent = _recent([e for e in events if e.item_id == item], spec)
-    return {"views": recent["view"], "buys": recent["buy"], "events": sum(recent.values())}
+    mine = [e for e in events if e.item_id == item]
+    recent = _recent(mine, spec)
+    named = [(e.ts, e.category_id) for e in mine if e.category_id]
+    return {"views": recent["view"], "buys": recent["buy"], "events": sum(recent.values()),
+            "category": max(named)[1] if named else ""}

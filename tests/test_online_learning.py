@@ -22,9 +22,10 @@ from streaming.state import Ev
 
 
 def ex(user: str, item: str, label: int, ts: int = 1, recent: list[str] | None = None,
-       item_feats: dict | None = None) -> Example:
+       item_feats: dict | None = None, top_categories: list[str] | None = None) -> Example:
     return Example(user_id=user, item_id=item, ts=ts, label=label, behavior="view" if label else "negative",
-                   user={"views": 1, "last_viewed_items": recent or []}, item=item_feats)
+                   user={"views": 1, "last_viewed_items": recent or [], "top_categories": top_categories or []},
+                   item=item_feats)
 
 
 def stream(n: int, seed: int = 0, n_items: int = 50) -> list[Example]:
@@ -108,18 +109,21 @@ def test_ranker_vectorized_scores_equal_the_feature_path() -> None:
         item = str(rng.randrange(30))
         feats = None if rng.random() < 0.2 else {"views": rng.randrange(9), "carts": rng.randrange(3),
                                                  "buys": rng.randrange(2), "events": rng.randrange(12),
-                                                 "buy_rate": rng.random()}
+                                                 "buy_rate": rng.random(), "category": f"c{int(item) % 3}"}
         recent = [str(rng.randrange(30)) for _ in range(rng.randrange(4))]
-        r.learn_one(ex("u", item, int(rng.random() < 0.4 + 0.5 * (item in recent)), t, recent, feats), mf=rng.random())
-    user = {"views": 3, "clicks": 1, "last_viewed_items": ["3", "7", "3"]}
+        tops = rng.sample(["c0", "c1", "c2"], rng.randrange(3))
+        label = int(rng.random() < 0.3 + 0.4 * (item in recent) + 0.2 * (f"c{int(item) % 3}" in tops))
+        r.learn_one(ex("u", item, label, t, recent, feats, tops), mf=rng.random())
+    user = {"views": 3, "clicks": 1, "last_viewed_items": ["3", "7", "3"], "top_categories": ["c2", "c0", "c2"]}
     cands = [(str(i), None if i % 5 == 0 else {"views": i, "carts": i % 3, "buys": i % 2, "events": 2 * i,
-                                              "buy_rate": i / 40}) for i in range(30)]
+                                              "buy_rate": i / 40, "category": f"c{i % 4}" if i % 7 else None})
+             for i in range(30)]
     mf = np.linspace(-1, 1, 30)
     fast = r.score_many(user, cands, mf)
     slow = [r.predict_one(Example(user_id="u", item_id=i, ts=0, label=0, behavior="view", user=user, item=f), m)
             for (i, f), m in zip(cands, mf.tolist(), strict=True)]
     assert np.allclose(fast, slow, rtol=1e-12, atol=0)
-    assert r.model._weights.get("seen", 0) > 0  # the signal it was given
+    assert r.model._weights.get("seen", 0) > 0 and r.model._weights.get("cat", 0) > 0  # the signals it was given
 
 
 def test_ranker_restore_continues_identically() -> None:

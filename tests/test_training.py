@@ -20,8 +20,10 @@ from connectors.schema import validate
 from freshrec import cli
 from freshrec.config import Settings
 from jobs.topics import examples_topic
+from online_learning.examples import Example
 from online_learning.params import decode
 from online_learning.publish import ParameterStore
+from online_learning.recommender import OnlineRecommender
 from online_learning.trainer import Trainer
 from serving.app import create_app
 from serving.models import ServedModels
@@ -183,6 +185,26 @@ def test_parameter_chain_skips_equal_snapshots_and_heals_gaps(redis_server) -> N
     back = store.rollback(s1)  # base 0: everyone loads it, even a reader that is up to date
     assert [(v.version, v.blobs) for v in store.catch_up(d5)] == [(back, {"m": b"s1"})]
     assert store.head() == back and store.get(back).meta["rollback_of"] == s1
+
+
+def test_api_applies_an_announced_version_without_waiting_for_its_poll(redis_server) -> None:  # noqa: ANN001
+    store = ParameterStore(redis.Redis(port=redis_server.port), "announce_test")
+    rec = OnlineRecommender.default(min_count=1)
+    first = store.publish("snapshot", rec.snapshot(), 0)
+    served = ServedModels(store, poll_ms=60_000)  # polling alone would see the next version in a minute
+    served.start()
+    try:
+        wait_until(lambda: served.version == first, 10, "the first snapshot")
+        wait_until(lambda: store.client.pubsub_numsub(store.channel)[0][1] >= 1, 10, "the API's subscription",
+                   every=0.01)
+        rec.learn_one(Example(user_id="u", item_id="i", ts=1, label=1, behavior="view", user=None, item=None))
+        sent = time.monotonic()
+        delta = store.publish("delta", rec.state_delta(), first)
+        wait_until(lambda: served.version == delta, 10, "the announced delta", every=0.01)
+        assert time.monotonic() - sent < 2
+        assert served.knows("i")["embedding"]
+    finally:
+        served.stop()
 
 
 def test_warm_start_from_a_log_publishes_a_snapshot_readers_load(redis_server, tmp_path, monkeypatch,  # noqa: ANN001

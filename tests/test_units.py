@@ -114,6 +114,7 @@ def test_state_is_independent_of_arrival_order_and_duplicates() -> None:
     first_pane = events[-1].ts // 60_000 - 9
     assert user["views"] == sum(1 for e in events if e.behavior == "view" and e.ts // 60_000 >= first_pane)
     assert len(user["last_viewed_items"]) == 5
+    assert ordered[1]["category"] == max((e.ts, e.category_id) for e in events)[1]  # the newest event's
     assert ordered[2], "co-visitation found no pairs in a session-structured log"
 
 
