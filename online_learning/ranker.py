@@ -211,11 +211,13 @@ class FTRLRanker:
     # -- parameters -----------------------------------------------------------------------
     def _arrays(self, keys: list[str]) -> dict[str, np.ndarray]:
         w, z, n = self.model._weights, self.model.optimizer.z, self.model.optimizer.n
+        # map() over dict.get runs in C: a snapshot (every key) stalls the trainer while it is taken
+        size = len(keys)
         return {"keys": strings(keys),
-                "w": np.array([w.get(k, 0.0) for k in keys], dtype=np.float64),
-                "z": np.array([z.get(k, 0.0) for k in keys], dtype=np.float64),
-                "n": np.array([n.get(k, 0.0) for k in keys], dtype=np.float64),
-                "seen": np.array([self.last_seen.get(k, -1) for k in keys], dtype=np.int64)}
+                "w": np.fromiter(map(w.get, keys, repeat(0.0)), dtype=np.float64, count=size),
+                "z": np.fromiter(map(z.get, keys, repeat(0.0)), dtype=np.float64, count=size),
+                "n": np.fromiter(map(n.get, keys, repeat(0.0)), dtype=np.float64, count=size),
+                "seen": np.fromiter(map(self.last_seen.get, keys, repeat(-1)), dtype=np.int64, count=size)}
 
     def _header(self, kind: str) -> dict[str, Any]:
         return {"model": self.name, "kind": kind, "hyper": self.hyper, "intercept": self.model.intercept,
