@@ -33,7 +33,7 @@ from features.dsl import load
 from features.registry import all_views
 from features.store import apply
 from freshrec.config import Settings
-from freshrec.stack import start_catalogue_job, start_feature_job, stop_group
+from freshrec.stack import start_job, stop_group
 from jobs.backfill import backfill
 from jobs.topics import prepare_log
 
@@ -108,8 +108,8 @@ def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, br
     # the last event's user has its row of a user definition.
     defs = load(s.features)
     view = next((d.name for d in defs if d.entity_kind.join_keys == ("user_id",)), "user_recent")
-    job = (start_catalogue_job if defs else start_feature_job)(s, s.state_dir)
     name = "catalogue_job" if defs else "feature_job"
+    job = start_job(name, s, s.state_dir)
     try:
         deadline = time.monotonic() + 900
         start = None

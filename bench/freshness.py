@@ -42,7 +42,7 @@ from connectors.simulator import simulate
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
-from freshrec.stack import Stack, start_feature_job, stop_group
+from freshrec.stack import Stack, start_job, stop_group
 from jobs.topics import prepare_log
 from streaming.state import Ev, RecentViews, Spec
 
@@ -121,7 +121,7 @@ def throughput(stack: Stack, n: int) -> dict[str, float]:
         replay(events, p, total=n)
     last = events[-1]
     reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
-    job = start_feature_job(s, stack.log_dir / "tput")
+    job = start_job("feature_job", s, stack.log_dir / "tput")
     first_at = None
     try:
         deadline = time.monotonic() + 600

@@ -125,7 +125,7 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
     from connectors.logfile import detect_format, open_log
     from features.dsl import load
     from features.store import apply, repo_dir
-    from freshrec.stack import start_catalogue_job, stop_group
+    from freshrec.stack import start_job, stop_group
     from jobs.backfill import backfill
     from jobs.topics import feature_log_topic, prepare_log
     from streaming.definitions import max_window_ms
@@ -142,7 +142,7 @@ def run(source: Path, settings: Settings, fmt: str = "auto", timeout_s: float = 
                                  events_topic="parity-events", dlq_topic="parity-dlq", feast_project="parity")
             prepare_log(s)
             apply(s)
-            job = start_catalogue_job(s, Path(tmp))
+            job = start_job("catalogue_job", s, Path(tmp))
             fmt = detect_format(source) if fmt == "auto" else fmt
             sent, first, last = 0, 2**63, 0
             print(f"[parity] streaming {source} through the catalogue job (log: {tmp}/catalogue_job.log)", flush=True)

@@ -28,7 +28,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from freshrec.config import Settings
-from jobs.topics import JOB_IDS, has_definitions, topic_plan
+from jobs.topics import jobs_to_run, topic_plan
 from streaming.flink import PROJECT_ROOT, checkpoint_root, latest_checkpoint
 
 SECRET = {"FRESHREC_ADMIN_API_KEY"}
@@ -37,12 +37,6 @@ PACKAGES = ("connectors", "streaming", "jobs", "features", "online_learning", "s
 
 def packages_zip(settings: Settings) -> Path:
     return settings.state_dir / "deploy" / "freshrec-packages.zip"
-
-
-def jobs(settings: Settings) -> dict[str, str]:
-    """The jobs to run, each with its id (consumer group and checkpoint folder)."""
-    catalogue = has_definitions(settings)
-    return {name: job_id(settings) for name, job_id in JOB_IDS.items() if name != "catalogue_job" or catalogue}
 
 
 def flink_run(settings: Settings, root: Path = PROJECT_ROOT, flink: str = "flink",
@@ -83,7 +77,7 @@ def job_env(settings: Settings) -> dict[str, str]:
 def describe(settings: Settings) -> str:
     lines = ["# topics (create before the jobs; partitions cannot be lowered later)"]
     lines += [f"{topic:40} partitions={n}" for topic, n in topic_plan(settings).items()]
-    for job, job_id in jobs(settings).items():
+    for job, job_id in jobs_to_run(settings).items():
         root = checkpoint_root(settings, job_id)
         ckpt = latest_checkpoint(root)
         what = ("the feature job (it also writes the training examples)" if job == "feature_job"
@@ -101,7 +95,7 @@ def describe(settings: Settings) -> str:
 def submit(settings: Settings) -> int:
     package(settings)
     env = {**os.environ, **settings.replace(flink_mode="cluster").to_env()}
-    for job in jobs(settings):
+    for job in jobs_to_run(settings):
         code = subprocess.run(flink_run(settings, job=job), env=env).returncode
         if code:
             return code

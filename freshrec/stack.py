@@ -27,7 +27,7 @@ import httpx
 
 from connectors.embedded import Service, ServiceError, start_broker, start_redis, wait_for_port
 from freshrec.config import Settings
-from jobs.topics import JOB_IDS, has_definitions, prepare_log
+from jobs.topics import JOB_IDS, jobs_to_run, prepare_log
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTARTS, RESTART_WINDOW_S = 5, 600
@@ -113,12 +113,9 @@ def stop_group(pid: int, timeout: float = 10.0) -> None:
     stop_groups([pid], timeout)
 
 
-def start_feature_job(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
-    return spawn("feature_job", [sys.executable, "-m", PROCESSES["feature_job"]], settings, log_dir)
-
-
-def start_catalogue_job(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
-    return spawn("catalogue_job", [sys.executable, "-m", PROCESSES["catalogue_job"]], settings, log_dir)
+def start_job(name: str, settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    """A process of :data:`PROCESSES` other than the API (``feature_job``, ``catalogue_job``, ...)."""
+    return spawn(name, [sys.executable, "-m", PROCESSES[name]], settings, log_dir)
 
 
 def start_api(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
@@ -179,11 +176,11 @@ class Stack:
             record(settings.state_dir, "broker", f"started on port {broker.port}, log epoch {epoch}")
             log("registering feature views with Feast ...")
             apply(settings)
-            catalogue = has_definitions(settings)
-            log(f"starting the PyFlink feature job{', the catalogue job' if catalogue else ''}, the offline-store "
-                "writer, the trainer and the API ...")
+            flink_jobs = jobs_to_run(settings)
+            log(f"starting the PyFlink feature job{', the catalogue job' if 'catalogue_job' in flink_jobs else ''}, "
+                "the offline-store writer, the trainer and the API ...")
             for name in PROCESSES:
-                if name != "catalogue_job" or catalogue:
+                if name not in JOB_IDS or name in flink_jobs:
                     stack.procs[name] = stack.start_process(name)
             wait_healthy(stack.api_url, stack.procs["api"])
             stack.save()
@@ -202,7 +199,7 @@ class Stack:
     def start_process(self, name: str) -> subprocess.Popen[bytes]:
         if name == "api":
             return start_api(self.settings, self.log_dir)
-        return spawn(name, [sys.executable, "-m", PROCESSES[name]], self.settings, self.log_dir)
+        return start_job(name, self.settings, self.log_dir)
 
     def supervise(self, log: Any = print) -> list[dict[str, Any]]:
         """Start again what died; returns the events recorded. Raises :class:`ServiceError` for

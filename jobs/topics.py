@@ -27,10 +27,12 @@ def catalogue_job_id(settings: Settings) -> str:
 JOB_IDS: dict[str, Callable[[Settings], str]] = {"feature_job": feature_job_id, "catalogue_job": catalogue_job_id}
 
 
-def has_definitions(settings: Settings) -> bool:
-    """Whether the catalogue defines anything (``features.none`` does not): else no catalogue
-    job runs. Here, not in jobs/catalogue_job.py, so callers skip importing PyFlink (~4.7 s)."""
-    return bool(load(settings.features))
+def jobs_to_run(settings: Settings) -> dict[str, str]:
+    """The Flink jobs this configuration runs, each with its id: the catalogue job only when
+    the catalogue defines something (``features.none`` does not). Here, not in the jobs'
+    modules, so callers (up, deploy) skip importing PyFlink (~4.7 s)."""
+    catalogue = bool(load(settings.features))
+    return {name: job_id(settings) for name, job_id in JOB_IDS.items() if name != "catalogue_job" or catalogue}
 
 
 def offline_group(settings: Settings) -> str:

@@ -293,7 +293,7 @@ class TwoTower:
 
     def state_delta(self, keep: bool = False) -> bytes | None:
         """The rows changed (and removed) since the last call that did not ``keep`` them."""
-        if not (self.users.changed or self.users.removed or self.items.changed or self.items.removed):
+        if not self.has_changes:
             return None
         arrays: dict[str, np.ndarray] = {}
         for name, table in (("u_", self.users), ("i_", self.items)):
@@ -301,6 +301,11 @@ class TwoTower:
             arrays |= {name + k: v for k, v in rows.items()}
             arrays[name + "removed"] = strings(removed)
         return encode(self._header("delta"), arrays)
+
+    @property
+    def has_changes(self) -> bool:
+        """Whether a delta would hold anything (changes not yet forgotten)."""
+        return any(t.changed or t.removed for t in (self.users, self.items))
 
     def forget_delta(self) -> None:
         """The next delta starts from now (what changed so far is published)."""

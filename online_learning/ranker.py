@@ -227,13 +227,18 @@ class FTRLRanker:
     def state_delta(self, keep: bool = False) -> bytes | None:
         """The rows changed (and removed) since the last call that did not ``keep`` them, or None
         when nothing changed."""
-        if not self._changed and not self._removed:
+        if not self.has_changes:
             return None
         arrays = self._arrays(sorted(self._changed))
         arrays["removed"] = strings(sorted(self._removed))
         if not keep:
             self.forget_delta()
         return encode(self._header("delta"), arrays)
+
+    @property
+    def has_changes(self) -> bool:
+        """Whether a delta would hold anything (changes not yet forgotten)."""
+        return bool(self._changed or self._removed)
 
     def forget_delta(self) -> None:
         """The next delta starts from now (what changed so far is published)."""

@@ -90,6 +90,11 @@ class OnlineRecommender:
                 out[name] = blob
         return out
 
+    @property
+    def has_changes(self) -> bool:
+        """Whether any model has changes a delta would carry."""
+        return any(model.has_changes for model in self.models.values())
+
     def forget_delta(self) -> None:
         """The next delta starts from now, without encoding the one that is dropped."""
         for model in self.models.values():

@@ -128,8 +128,7 @@ class Trainer:
         (the API took seconds to, which showed as multi-second event -> visible outliers)."""
         started = time.perf_counter()
         self.rec.embedding.step()  # examples waiting for a full batch belong in what goes out
-        if snapshot and not self.need_snapshot and self.publish(snapshot=False) is None \
-                and self.rec.state_delta(keep=True):
+        if snapshot and not self.need_snapshot and self.publish(snapshot=False) is None and self.rec.has_changes:
             return None  # the delta before it was refused: the snapshot's base would not be published
         snapshot = snapshot or self.need_snapshot
         # A periodic snapshot follows a delta and equals the state at that version (its base), so

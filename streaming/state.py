@@ -206,12 +206,16 @@ class ItemState:
         self.counts = PaneCounts()
         self.category, self.category_ts = "", -1
 
+    def __setstate__(self, state: tuple[None, dict[str, object]]) -> None:
+        # Keyed state pickled before the category existed: its slots start empty.
+        self.category, self.category_ts = "", -1
+        for name, value in state[1].items():
+            setattr(self, name, value)
+
     def add(self, ev: Ev, spec: Spec) -> bool:
-        if ev.category_id:
-            # state pickled before these fields existed has no value in their slots
-            at, known = getattr(self, "category_ts", -1), getattr(self, "category", "")
-            if ev.ts > at or (ev.ts == at and ev.category_id > known):
-                self.category, self.category_ts = ev.category_id, ev.ts
+        if ev.category_id and (ev.ts > self.category_ts
+                               or (ev.ts == self.category_ts and ev.category_id > self.category)):
+            self.category, self.category_ts = ev.category_id, ev.ts
         self.newest = max(self.newest, ev.ts)
         return self.counts.add(ev.ts, ev.behavior, spec.pane_ms, spec.window_ms)
 
@@ -224,7 +228,7 @@ class ItemState:
             "buys": buys,
             "events": sum(totals.values()),
             "buy_rate": buys / views if views else 0.0,
-            "category": getattr(self, "category", ""),
+            "category": self.category,
         }
 
 

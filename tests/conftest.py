@@ -21,7 +21,7 @@ from connectors.feast_redis import FeastRedisReader
 from features.definitions import FEATURE_VIEWS
 from features.store import apply
 from freshrec.config import Settings
-from freshrec.stack import start_catalogue_job, start_feature_job, stop_group
+from freshrec.stack import start_job, stop_group
 from jobs.topics import CATALOGUE_JOB_NAME, JOB_NAME, prepare_log
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ class JobProcess:
         self.name = "catalogue_job" if catalogue else "feature_job"
         self.log = settings.state_dir / f"{self.name}.log"
         start = self.log.stat().st_size if self.log.exists() else 0  # a restarted job appends to the log
-        self.proc = (start_catalogue_job if catalogue else start_feature_job)(settings, settings.state_dir)
+        self.proc = start_job(self.name, settings, settings.state_dir)
         # Fail fast on a job that cannot even be built, instead of timing out in the test.
         ready = f"[{CATALOGUE_JOB_NAME if catalogue else JOB_NAME}] reading"
         wait_until(lambda: self.check_alive() or ready in self.output(start), 120, f"the {self.name} to start")
