@@ -10,6 +10,12 @@ Offsets are committed after the files are written. A crash in between re-reads t
 the same first records, so they land in files of the same names, replacing the first try's (the
 record time keeps a fresh embedded broker, whose offsets restart at 0, from reusing names).
 
+The consumer group is named after the log epoch (connectors/log_epoch.py). A broker that lost
+its log gets the old log's positions committed to it by a writer that has not yet noticed,
+and a group re-join would resume the new log from them, past its first rows. Under the new
+epoch's group no commit exists, so the new log is read from its start; the embedded broker does
+not keep commit metadata, which would otherwise carry the epoch.
+
 Run: ``python -m connectors.offline_store`` with FRESHREC_* variables set (``freshrec up`` does).
 """
 
@@ -25,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 from feast import FeatureView
 from feast.types import Array, Float64, Int64, String
+from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
 from connectors.kafka import consumer
@@ -64,8 +71,7 @@ class OfflineWriter:
         self.keys = {v.name: join_keys(v) for v in views}
         self.schemas = {v.name: arrow_schema(v) for v in views}
         self.flush_rows, self.flush_s = flush_rows, flush_s
-        self.consumer = consumer(settings.kafka_bootstrap, feature_log_topic(settings),
-                                 group=offline_group(settings), enable_auto_commit=False)
+        self.consumer: KafkaConsumer | None = None  # opened by run(), once the log epoch is known
         # (view, date) -> rows
         self.pending: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         self.first: dict[int, tuple[int, int]] = {}  # partition -> (offset, record time) of its first row
@@ -82,6 +88,7 @@ class OfflineWriter:
         """Write every pending row, then commit the offsets they came from."""
         if not self.count:
             return 0
+        assert self.consumer is not None
         tag = "_".join(f"{p}.{o}-{t}" for p, (o, t) in sorted(self.first.items()))
         for (name, day), rows in self.pending.items():
             write_part(self.root, name, day, f"part-{tag}", rows, self.schemas[name])
@@ -109,6 +116,7 @@ class OfflineWriter:
             signal.signal(signal.SIGINT, stop)
         s = self.settings
         watch = EpochWatch(s.kafka_bootstrap, topic_plan(s), epoch_topic(s), s.broker_check_ms)
+        self.consumer = self._consumer(watch.current.id)
         last_flush = time.monotonic()
         last_row = last_flush + 30 - (stop_after_idle_s or 0)  # the consumer's group join takes seconds
         try:
@@ -118,8 +126,8 @@ class OfflineWriter:
                     log(f"WARNING: the broker lost its log (new log epoch {new}): writing what is pending, then "
                         f"reading {feature_log_topic(s)} again from its start")
                     self.flush()
-                    if self.consumer.assignment():  # else the group's next join starts at the earliest
-                        self.consumer.seek_to_beginning()
+                    self.consumer.close()
+                    self.consumer = self._consumer(new.id)
                 for tp, records in self.consumer.poll(timeout_ms=500, max_records=5000).items():
                     for rec in records:
                         self.add(rec.value, tp.partition, rec.offset, rec.timestamp)
@@ -135,6 +143,11 @@ class OfflineWriter:
             watch.close()
             self.consumer.close()
         return self.written
+
+    def _consumer(self, epoch: str) -> KafkaConsumer:
+        s = self.settings
+        return consumer(s.kafka_bootstrap, feature_log_topic(s), group=offline_group(s, epoch),
+                        enable_auto_commit=False)
 
 
 def log(message: str) -> None:

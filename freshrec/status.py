@@ -108,8 +108,9 @@ def collect(settings: Settings, doc: dict[str, Any]) -> list[Part]:
             for job, job_id in jobs:
                 job.figures["behind"] = lag = log.behind(s.events_topic, job_id)
                 job.details.append(f"behind by {lag} events (as of its last checkpoint)")
-            offline.figures["behind"] = lag = log.behind(feature_log_topic(s), offline_group(s))
-            offline.details.append(f"behind by {lag} feature rows")
+            if epoch is not None:
+                offline.figures["behind"] = lag = log.behind(feature_log_topic(s), offline_group(s, epoch.id))
+                offline.details.append(f"behind by {lag} feature rows")
             dead = sum(log.end(s.dlq_topic).values())
             dlq.figures["count"] = dead
             dlq.details.append(f"{dead} on {s.dlq_topic}")

@@ -35,9 +35,9 @@ def jobs_to_run(settings: Settings) -> dict[str, str]:
     return {name: job_id(settings) for name, job_id in JOB_IDS.items() if name != "catalogue_job" or catalogue}
 
 
-def offline_group(settings: Settings) -> str:
-    """The offline-store writer's consumer group."""
-    return f"freshrec-offline-{settings.feast_project}"
+def offline_group(settings: Settings, epoch: str) -> str:
+    """The offline-store writer's consumer group in log epoch ``epoch`` (connectors/offline_store.py says why)."""
+    return f"freshrec-offline-{settings.feast_project}-{epoch}"
 
 
 def feature_log_topic(settings: Settings) -> str:

@@ -21,19 +21,22 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from connectors.embedded import free_port, start_broker
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import EventProducer, log_ends, producer
 from connectors.log_epoch import EpochWatch, ensure_log, read_epoch
+from connectors.offline_store import OfflineWriter
 from connectors.schema import BehaviorEvent
 from features.definitions import FEATURE_VIEWS
 from features.store import repo_dir
 from freshrec.config import Settings
 from freshrec.stack import Stack, recent_events
 from freshrec.status import LogOffsets, collect, render
-from jobs.topics import examples_topic
+from jobs.topics import epoch_topic, examples_topic, feature_log_topic, offline_group, topic_plan
 from online_learning.publish import ParameterStore
+from streaming.definitions import final_row
 from streaming.state import Spec
 from tests.conftest import wait_until
 from tests.expected import user_features
@@ -61,6 +64,42 @@ def test_log_epoch_changes_only_when_the_broker_loses_its_log(tmp_path: Path) ->
     finally:
         if watch is not None:
             watch.close()
+        broker.stop()
+
+
+def test_the_offline_store_reads_a_new_log_from_its_start_whatever_was_committed_to_it(tmp_path: Path) -> None:
+    """A writer that has not yet noticed the broker lost its log commits the old log's positions
+    to the new broker; the new log's first rows must not be skipped for them."""
+    port = free_port()
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{port}", state_dir=tmp_path / "state", feast_project="offep",
+                 events_topic="offep-events", dlq_topic="offep-dlq", broker_check_ms=200)
+    log = feature_log_topic(s)
+
+    def feature_rows(users: list[str]) -> None:
+        p = producer(s.kafka_bootstrap)
+        for u in users:
+            p.send(log, final_row("user_recent", u, int(time.time() * 1000), {"views": 1}).encode())
+        p.flush()
+        p.close()
+
+    broker = start_broker(tmp_path / "b1", port)
+    try:
+        old = ensure_log(s.kafka_bootstrap, topic_plan(s), epoch_topic(s))
+        before = [f"a{k}" for k in range(5)]
+        feature_rows(before)
+        assert OfflineWriter(s, flush_s=0.2).run(stop_after_idle_s=1) == 5
+        broker.kill()
+        broker = start_broker(tmp_path / "b2", port)  # memory only: comes back empty
+        ensure_log(s.kafka_bootstrap, topic_plan(s), epoch_topic(s))
+        after = [f"b{k}" for k in range(8)]
+        feature_rows(after)
+        late = KafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=offline_group(s, old.id),
+                             enable_auto_commit=False)
+        late.commit({TopicPartition(log, 0): OffsetAndMetadata(5, "", -1)})  # the old log's position
+        late.close()
+        assert OfflineWriter(s, flush_s=0.2).run(stop_after_idle_s=1) == 8
+        assert _offline_users(s) == set(before) | set(after)
+    finally:
         broker.stop()
 
 
