@@ -52,6 +52,8 @@ class Settings:
     covisit_max_views: int = field(default=50, metadata=_doc("recent views per user kept for pairing"))
     covisit_top_k: int = field(default=20, metadata=_doc("neighbours kept per item"))
     trending_size: int = field(default=100, metadata=_doc("items kept in the trending list"))
+    category_trending_size: int = field(default=20, metadata=_doc(
+        "items kept in each category's trending list (0: no lists per category)"))
     out_of_orderness_ms: int = field(default=2000, metadata=_doc("watermark lag behind the newest event"))
     allowed_lateness_ms: int = field(default=600_000, metadata=_doc("events later than this go to the DLQ"))
     idle_timeout_ms: int = field(default=30_000, metadata=_doc("a silent partition stops holding watermarks"))
@@ -121,14 +123,16 @@ class Settings:
     def check(self) -> None:
         positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
                     "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
-                    "covisit_top_k", "trending_size", "checkpoint_interval_ms", "broker_check_ms", "parallelism",
+                    "covisit_top_k", "trending_size", "checkpoint_interval_ms",
+                    "broker_check_ms", "parallelism",
                     "fetch_wait_ms", "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count",
                     "param_ttl_seconds", "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds",
                     "model_poll_ms", "api_workers", "redis_timeout_ms")
         if not 0 <= self.catalogue_nice <= 19:
             raise ConfigError(f"FRESHREC_CATALOGUE_NICE={self.catalogue_nice} must be between 0 and 19")
-        if self.item_cache_ms < 0:
-            raise ConfigError(f"FRESHREC_ITEM_CACHE_MS={self.item_cache_ms} must be 0 or more")
+        for name in ("item_cache_ms", "category_trending_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be 0 or more")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")

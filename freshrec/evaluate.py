@@ -93,6 +93,54 @@ class SlidingPopularity:
         self.top = [i for i, _ in heapq.nsmallest(self.depth, self.counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
+class CategoryPopularity:
+    """Events per item of each category in the last ``window_ms`` (the feature job's trending
+    list per category); a category's list is recomputed when asked, at most every ``every``
+    events of the log once its counts changed.
+
+    >>> p = CategoryPopularity(window_ms=100, every=1)
+    >>> for category, item, ts in [("c", "a", 0), ("c", "b", 10), ("c", "b", 20), ("d", "x", 30)]:
+    ...     p.add(category, item, ts)
+    >>> p.top("c")
+    ['b', 'a']
+    >>> p.add("c", "a", 115)  # the first two events leave the window
+    >>> p.top("c"), p.top("d")
+    (['a', 'b'], ['x'])
+    """
+
+    def __init__(self, window_ms: int = 3_600_000, every: int = 100, depth: int = 20) -> None:
+        self.window_ms, self.every, self.depth = window_ms, every, depth
+        self.events: deque[tuple[int, str, str]] = deque()
+        self.counts: dict[str, Counter[str]] = defaultdict(Counter)
+        self.changed: set[str] = set()
+        self.tops: dict[str, tuple[int, list[str]]] = {}  # category -> (event number, its list)
+        self.n = 0
+
+    def add(self, category: str, item: str, ts: int) -> None:
+        self.n += 1
+        if not category:
+            return
+        self.events.append((ts, category, item))
+        self.counts[category][item] += 1
+        self.changed.add(category)
+        while self.events and self.events[0][0] <= ts - self.window_ms:
+            _, cat, old = self.events.popleft()
+            counts = self.counts[cat]
+            counts[old] -= 1
+            if not counts[old]:
+                del counts[old]
+            self.changed.add(cat)
+
+    def top(self, category: str) -> list[str]:
+        at, items = self.tops.get(category, (-self.every, []))
+        if category in self.changed and self.n - at >= self.every:
+            items = [i for i, _ in heapq.nsmallest(self.depth, self.counts[category].items(),
+                                                   key=lambda kv: (-kv[1], kv[0]))]
+            self.tops[category] = (self.n, items)
+            self.changed.discard(category)
+        return items
+
+
 @dataclass
 class Scores:
     """Sums of each metric per method and protocol, overall and per slice."""
@@ -158,6 +206,7 @@ class Evaluation:
         self.neighbours: dict[str, Neighbours] = {}
         self.seen: dict[str, set[str]] = defaultdict(set)
         self.popularity = SlidingPopularity(self.spec.window_ms)
+        self.by_category = CategoryPopularity(self.spec.window_ms)
         self.online = OnlineRecommender.default(seed=seed)
         self.frozen: OnlineRecommender | None = None
         self.scores = Scores()
@@ -177,8 +226,10 @@ class Evaluation:
         if "retrieved" not in memo:  # once per event, deep enough for either protocol's exclusions
             memo["retrieved"], memo["scores"] = rec.retrieve(user, 60 + len(self.seen[user_id]), user_id), {}
         retrieved = [i for i in memo["retrieved"] if i not in exclude][:60]
+        in_categories = [i for c in user.get("top_categories") or () for i in self.by_category.top(c)]
         cands = [i for i, _ in merge([("covisit", knn), ("embedding", retrieved), ("recent", recent),
-                                      ("trending", self.popularity.top)], exclude=exclude)]
+                                      ("category", in_categories), ("trending", self.popularity.top)],
+                                     exclude=exclude)]
         known: dict[str, float] = memo["scores"]
         todo = [i for i in cands if i not in known]
         for i in todo:
@@ -234,6 +285,7 @@ class Evaluation:
             for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
                 self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
         self.popularity.add(ev.item_id, ev.ts)
+        self.by_category.add(e.category_id, ev.item_id, ev.ts)
         self.seen[ev.user_id].add(ev.item_id)
 
     def run(self, events: list[BehaviorEvent], progress: bool = True) -> Iterator[int]:

@@ -4,7 +4,7 @@ For the serving benchmark, the API tests and trying the API on its own: a simula
 folded through the job's own state classes (streaming/state.py: users and items via the
 batch example builder, co-visitation via RecentViews/Neighbours) into rows in Feast's
 layout, and a model learned on the same log is published as a snapshot. Trending is simpler
-than the job's: the most active items of the last 20k events.
+than the job's: the most active items of the last 20k events, overall and per category.
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     rows += [("item_recent", i, ts, batch.item_features(i)) for i in batch.items]
     rows += [("item_covisit", i, ts, n.features(spec)) for i, n in neighbours.items()]
     FeastRedisWriter(client, settings.feast_project, FEATURE_VIEWS).write(rows)
-    popular = Counter(e.item_id for e in events[-20_000:]).most_common(settings.trending_size)
+    last = events[-20_000:]
+    popular = Counter(e.item_id for e in last).most_common(settings.trending_size)
     client.set(trending_key(settings.feast_project), json.dumps({"ts": ts, "items": popular}))
+    by_category: dict[str, Counter[str]] = {}
+    for e in last:
+        if e.category_id:
+            by_category.setdefault(e.category_id, Counter())[e.item_id] += 1
+    client.mset({trending_key(settings.feast_project, c): json.dumps(
+        {"ts": ts, "items": n.most_common(settings.category_trending_size)}) for c, n in by_category.items()})
     return sorted(batch.users)

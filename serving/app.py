@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import BrokerError, EventProducer
 from connectors.schema import InvalidEvent
-from features.definitions import FEATURE_VIEWS, trending_key
+from features.definitions import FEATURE_VIEWS
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.threads import one_thread
@@ -132,7 +132,7 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
     # The follower may wait on big snapshots: its own client, with a longer timeout.
     models = ServedModels(ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10),
                                          settings.feast_project), settings.model_poll_ms, freeze=own_process)
-    path = RequestPath(client, reader, models, trending_key(settings.feast_project), settings.item_cache_ms)
+    path = RequestPath(client, reader, models, settings.feast_project, settings.item_cache_ms)
     metrics = Metrics(models, path)
 
     @asynccontextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-QUOTAS = {"covisit": 100, "embedding": 60, "recent": 20, "trending": 40}
+QUOTAS = {"covisit": 100, "embedding": 60, "recent": 20, "category": 60, "trending": 40}
 
 
 def merge(sources: list[tuple[str, list[str]]], quotas: dict[str, int] | None = None,

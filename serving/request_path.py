@@ -1,9 +1,10 @@
 """One recommendation request, stage by stage, timed:
 
     user        the user's row (recent views and buys, counts): one Redis round trip
-    candidates  co-visitation neighbours of the recent items (one round trip), embedding
-                nearest neighbours, the user's recent items, trending; per-source quotas, no
-                duplicates, nothing the user just bought or the app excluded
+    candidates  co-visitation neighbours of the recent items (one round trip), trending in the
+                user's top categories, embedding nearest neighbours, the user's recent items,
+                trending; per-source quotas, no duplicates, nothing the user just bought or the
+                app excluded
     features    every candidate's item row: one pipelined round trip, Feast's layout read directly;
                 rows read in the last FRESHREC_ITEM_CACHE_MS (250) are reused: an item's counts
                 barely move in a quarter second, and popular items are in every request
@@ -29,18 +30,20 @@ import numpy as np
 import redis
 
 from connectors.feast_redis import FeastRedisReader
+from features.definitions import trending_key
 from serving.candidates import merge
 from serving.models import Choice, ServedModels
 from serving.ranking import rank
 
 RECENT_ITEMS = 5
 RETRIEVE = 100
-MAX_CANDIDATES = 200
+MAX_CANDIDATES = 300
 # The user's own recent items first (few, strong in e-commerce), then neighbours of what they
-# viewed, then what the embedding retrieves, then trending; the total is capped.
-QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "embedding": RETRIEVE, "trending": 40}
+# viewed, then what trends in their top categories (a third of the items new to a user are in
+# them: freshrec evaluate), then what the embedding retrieves, then trending; the total is capped.
+QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "category": 60, "embedding": RETRIEVE, "trending": 40}
 SCORER = "transparent-v1"
-TRENDING_MAX_AGE_S = 1.0  # the trending list changes slowly; one read a second, not one per request
+TRENDING_MAX_AGE_S = 1.0  # trending lists change slowly; one read a second, not one per request
 BREAKER_S = 1.0
 ITEM_CACHE_ENTRIES = 100_000
 
@@ -98,13 +101,14 @@ class _Clock:
 
 class RequestPath:
     def __init__(self, client: redis.Redis, reader: FeastRedisReader, models: ServedModels,
-                 trending_key: str, item_cache_ms: int = 250) -> None:
-        self.client, self.reader, self.models, self.trending_key = client, reader, models, trending_key
+                 project: str, item_cache_ms: int = 250) -> None:
+        self.client, self.reader, self.models, self.project = client, reader, models, project
         self.item_cache_s = item_cache_ms / 1000
         self.item_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.trending: list[tuple[str, int]] = []  # the last list read: the fallback too
         self.trending_ts: int | None = None
         self._trending_read = -TRENDING_MAX_AGE_S
+        self.category_lists: dict[str, tuple[float, list[str]]] = {}  # category -> (read at, its items)
         self.down_until = 0.0  # Redis failed: answer degraded until then without trying it
         self.newest_feature_ms = 0  # event time of the newest feature value seen (for /metrics)
 
@@ -149,7 +153,9 @@ class RequestPath:
         why = {i: src for i, _, src in covisit_ranked}  # "covisit:<the recent item it neighbours>"
         features = {key: v for key, v in (user or {}).items() if not key.startswith("_")} or None
         retrieved = self.models.retrieve(choice, features, RETRIEVE, user_id, exclude)
-        cands = merge([("recent", recent), ("covisit", [i for i, _, _ in covisit_ranked]), ("embedding", retrieved),
+        in_categories = self._in_categories(list((user or {}).get("top_categories") or []))
+        cands = merge([("recent", recent), ("covisit", [i for i, _, _ in covisit_ranked]),
+                       ("category", in_categories), ("embedding", retrieved),
                        ("trending", [i for i, _ in self.trending])], QUOTAS, exclude)[:MAX_CANDIDATES]
         clock.lap("candidates")
         rows = self._item_rows([i for i, _ in cands])
@@ -201,11 +207,24 @@ class RequestPath:
                     cache[items[j]] = (now, row)
         return rows
 
+    def _in_categories(self, categories: list[str]) -> list[str]:
+        """The trending lists of these categories, one after another; a list read in the last
+        second is reused, the others come in one round trip."""
+        now = time.monotonic()
+        lists = self.category_lists
+        stale = [c for c in categories if now - lists.get(c, (-TRENDING_MAX_AGE_S, []))[0] >= TRENDING_MAX_AGE_S]
+        if stale:
+            if len(lists) > ITEM_CACHE_ENTRIES:
+                lists.clear()
+            for c, raw in zip(stale, self.client.mget([trending_key(self.project, c) for c in stale]), strict=True):
+                lists[c] = (now, [str(i) for i, _ in json.loads(raw)["items"]] if raw else [])
+        return [i for c in categories for i in lists[c][1]]
+
     def _refresh_trending(self) -> None:
         now = time.monotonic()
         if now - self._trending_read < TRENDING_MAX_AGE_S:
             return
-        raw = self.client.get(self.trending_key)
+        raw = self.client.get(trending_key(self.project))
         doc = json.loads(raw) if raw else {"ts": None, "items": []}
         self.trending = [(str(i), int(n)) for i, n in doc["items"]]
         self.trending_ts, self._trending_read = doc["ts"], now

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from connectors.schema import BEHAVIORS
@@ -317,7 +318,7 @@ class Trending:
 
     >>> t = Trending(ScoreMap())
     >>> for item, events, ts in [("a", 3, 10), ("b", 5, 20), ("c", 1, 30), ("a", 4, 40)]:
-    ...     t.update(item, events, ts, k=2)
+    ...     _ = t.update(item, events, ts, k=2)
     >>> t.top(2, window_ms=100)
     [('b', 5), ('a', 4)]
     """
@@ -330,11 +331,13 @@ class Trending:
         self.newest = 0
         self.dirty = False
 
-    def update(self, item: str, events: int, ts: int, k: int, slack: int = 2) -> None:
+    def update(self, item: str, events: int, ts: int, k: int, slack: int = 2, category: str = "") -> bool:
+        """False for a value older than the item's last (rows may arrive out of order); a
+        ``category`` is kept with the score (see :class:`CategoryTrending`)."""
         prev = self.scores.get(item)
         if prev is not None and ts < prev[1]:
-            return
-        self.scores.put(item, (events, ts))
+            return False
+        self.scores.put(item, (events, ts, category) if category else (events, ts))
         self.newest = max(self.newest, ts)
         if item in self.candidates:
             self.dirty |= events < self.candidates[item][0]
@@ -343,19 +346,29 @@ class Trending:
             self.candidates[item] = (events, ts)
             if len(self.candidates) > slack * k:
                 del self.candidates[min(self.candidates, key=lambda i: (self.candidates[i][0], i))]
+        return True
 
-    def rebuild(self, k: int, window_ms: int, slack: int = 2) -> None:
-        """Scan every score: forget items gone quiet, pick the candidates afresh."""
+    def remove(self, item: str) -> None:
+        if item in self.scores:
+            self.scores.remove(item)
+        if self.candidates.pop(item, None) is not None:
+            self.dirty = True  # its place goes to an item outside the candidates: a rebuild finds it
+
+    def rebuild(self, k: int, window_ms: int, slack: int = 2) -> list[str]:
+        """Scan every score: forget items gone quiet (returned), pick the candidates afresh."""
         horizon = self.newest - window_ms
         live: dict[str, tuple[int, int]] = {}
+        quiet = []
         for item, value in list(self.scores.items()):
             if value[1] <= horizon:
                 self.scores.remove(item)
+                quiet.append(item)
             else:
-                live[item] = value
+                live[item] = value[:2]
         best = heapq.nsmallest(slack * k, live.items(), key=_by_score)
         self.candidates = dict(best)
         self.dirty = False
+        return quiet
 
     def needs_rebuild(self, window_ms: int) -> bool:
         horizon = self.newest - window_ms
@@ -368,3 +381,79 @@ class Trending:
         live = [kv for kv in self.candidates.items() if kv[1][1] > horizon]
         ranked = sorted(live, key=_by_score)[:k]
         return [(item, score) for item, (score, _) in ranked]
+
+
+class CategoryTrending:
+    """A trending list per item category, fed the same updates as the global :class:`Trending`.
+
+    Memory only: the global scores keep each item's category, so after a restore the lists
+    are rebuilt from them (:meth:`restore`) instead of costing a state write per event. An
+    item that changes category leaves its old list.
+
+    >>> c = CategoryTrending()
+    >>> for item, category, events, ts in [("a", "x", 3, 10), ("b", "x", 5, 20), ("c", "y", 1, 30),
+    ...                                    ("a", "y", 4, 40)]:
+    ...     c.update(item, category, events, ts, k=2)
+    >>> [(category, c.top(category, 2, window_ms=100)) for category in c.due(2, 100, now=0, newest=40)]
+    [('x', [('b', 5)]), ('y', [('a', 4), ('c', 1)])]
+    """
+
+    REBUILD_MS = 5000
+
+    def __init__(self) -> None:
+        self.lists: dict[str, Trending] = {}
+        self.category_of: dict[str, str] = {}
+        self.touched: set[str] = set()  # categories whose list changed since :meth:`due`
+        self.rebuilt: dict[str, float] = {}
+
+    def update(self, item: str, category: str, events: int, ts: int, k: int) -> None:
+        before = self.category_of.get(item)
+        if before is not None and before != category:
+            old = self.lists[before]
+            prev = old.scores.get(item)
+            if prev is not None:  # (else its old list already let it go)
+                if ts < prev[1]:
+                    return
+                old.remove(item)
+                self.touched.add(before)
+        t = self.lists.get(category)
+        if t is None:
+            t = self.lists[category] = Trending(ScoreMap())
+        if t.update(item, events, ts, k):
+            self.category_of[item] = category
+            self.touched.add(category)
+
+    def forget(self, items: Iterable[str]) -> None:
+        """Drop items the global list let go (quiet for a window), so memory stays bounded."""
+        for item in items:
+            category = self.category_of.pop(item, None)
+            if category is not None:
+                self.lists[category].remove(item)
+
+    def due(self, k: int, window_ms: int, now: float, newest: int) -> list[str]:
+        """The categories changed since the last call, each rebuilt first where it needs it (at
+        most every REBUILD_MS per category, ``now`` in ms). ``newest``: the global list's newest
+        event; the window ends there for every category, so a quiet category's list empties."""
+        out = sorted(self.touched)
+        for category in out:
+            t = self.lists[category]
+            t.newest = max(t.newest, newest)
+            if t.needs_rebuild(window_ms) and now - self.rebuilt.get(category, -self.REBUILD_MS) >= self.REBUILD_MS:
+                t.rebuild(k, window_ms)
+                self.rebuilt[category] = now
+        self.touched.clear()
+        return out
+
+    def top(self, category: str, k: int, window_ms: int) -> list[tuple[str, int]]:
+        return self.lists[category].top(k, window_ms)
+
+    @classmethod
+    def restore(cls, scores: Mapping[str, tuple], k: int) -> CategoryTrending:
+        """The lists again from the global scores ``(events, ts[, category])``."""
+        c = cls()
+        for item, value in scores.items():
+            if len(value) > 2:
+                c.update(item, value[2], value[0], value[1], k)
+        for t in c.lists.values():
+            t.dirty = True  # candidates picked in arrival order: the first due() rebuilds
+        return c

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
+import redis
 from fastapi.testclient import TestClient
 
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import EventProducer
 from connectors.schema import BehaviorEvent, validate
 from connectors.simulator import simulate
+from features.definitions import trending_key
 from features.store import feature_store
 from freshrec.config import Settings
 from serving.app import create_app
@@ -109,6 +112,22 @@ def test_recommendations_follow_covisitation(shared: Settings) -> None:
     assert body["known_user"] is True
     assert body["features"]["user_recent"] == base + 200_000
     assert body["items"][0]["item_id"] == "rec-B"
+
+
+def test_the_job_keeps_a_trending_list_per_category(shared: Settings) -> None:
+    base = int(time.time() * 1000) - 10_000  # after the earlier tests' events: not late
+    plan = {("ct-a", "ct-i1"): 3, ("ct-a", "ct-i2"): 1, ("ct-a", "ct-i3"): 2, ("ct-b", "ct-i4"): 2}
+    produce(shared, [validate({"event_id": f"{item}-{n}", "user_id": f"ct-u{n}", "item_id": item,
+                               "category_id": category, "behavior": "view", "ts": base + 1000 * n})
+                     for (category, item), count in plan.items() for n in range(count)])
+    client = redis.Redis.from_url(shared.redis_url)
+
+    def lists() -> dict[str, list[list[object]] | None]:
+        raw = {c: client.get(trending_key(shared.feast_project, c)) for c in ("ct-a", "ct-b")}
+        return {c: json.loads(v)["items"] if v else None for c, v in raw.items()}
+
+    want = {"ct-a": [["ct-i1", 3], ["ct-i3", 2], ["ct-i2", 1]], "ct-b": [["ct-i4", 2]]}
+    wait_until(lambda: lists() == want, 60, f"the job's per-category trending lists to be {want}")
 
 
 def test_api_rejects_bad_requests(shared: Settings) -> None:

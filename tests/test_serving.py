@@ -8,6 +8,7 @@ classes and a model learned on the same log), so no Flink job is needed here.
 from __future__ import annotations
 
 import gc
+import json
 import threading
 import time
 from collections import Counter
@@ -24,13 +25,14 @@ from hypothesis import settings as hypothesis_settings
 
 from connectors.embedded import Service, start_redis
 from connectors.feast_redis import FeastRedisWriter
-from features.definitions import FEATURE_VIEWS
+from features.definitions import FEATURE_VIEWS, trending_key
 from freshrec.config import Settings
 from freshrec.seed import seed_online_state
 from online_learning.publish import ParameterStore
 from online_learning.recommender import OnlineRecommender
 from serving.app import create_app
 from serving.models import ServedModels, in_share
+from serving.request_path import MAX_CANDIDATES
 from tests.conftest import wait_until
 
 KEY = "test-admin-key"
@@ -61,7 +63,7 @@ def test_request_path_stages_sources_and_versions(served: tuple[Settings, list[s
     assert body["model_version"] == head and body["model_role"] == "live" and not body["degraded"]
     assert body["known_user"] and len(body["items"]) == 10
     assert set(body["stages_ms"]) == {"user", "candidates", "features", "score", "rank"}
-    assert 10 < body["candidates"] <= 200
+    assert 10 < body["candidates"] <= MAX_CANDIDATES
     assert body["features"]["user_recent"] and body["features"]["item_recent"]
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
@@ -70,6 +72,23 @@ def test_request_path_stages_sources_and_versions(served: tuple[Settings, list[s
     assert "stages_ms" not in plain.json()
     assert plain.json() == client.post("/recommendations", json={"user_id": users[0], "k": 7}).json()
     assert client.get("/recommendations", params={"user_id": users[0] + "\n"}).status_code == 422
+
+
+def test_candidates_include_what_trends_in_the_users_top_categories(
+        served: tuple[Settings, list[str], TestClient]) -> None:
+    s, users, client = served
+    path = client.app.state.path  # type: ignore[attr-defined]
+    r = redis.Redis.from_url(s.redis_url)
+
+    def listed(category: str) -> list[str]:
+        raw = r.get(trending_key(s.feast_project, category))
+        return [i for i, _ in json.loads(raw)["items"]] if raw else []
+
+    rows = dict(zip(users, path.reader.read([("user_recent", u) for u in users]), strict=True))
+    user, row = next((u, row) for u, row in rows.items() if row and row["top_categories"])
+    assert path._in_categories(row["top_categories"]) == [i for c in row["top_categories"] for i in listed(c)]
+    found = {i for i, _, src in path.recommend(user, MAX_CANDIDATES).items if "category" in src}
+    assert found and found <= {i for c in row["top_categories"] for i in listed(c)}
 
 
 def test_context_exclusions_pages_and_recent_buys(served: tuple[Settings, list[str], TestClient]) -> None:

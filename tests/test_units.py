@@ -12,7 +12,17 @@ from connectors.replay import Pacer
 from connectors.schema import InvalidEvent, validate
 from connectors.simulator import simulate
 from freshrec.config import ConfigError, Settings
-from streaming.state import Ev, ItemState, Neighbours, RecentViews, ScoreMap, Spec, Trending, UserState
+from streaming.state import (
+    CategoryTrending,
+    Ev,
+    ItemState,
+    Neighbours,
+    RecentViews,
+    ScoreMap,
+    Spec,
+    Trending,
+    UserState,
+)
 
 NOW = 1_800_000_000_000
 
@@ -83,6 +93,9 @@ def test_config_from_env_and_errors() -> None:
         Settings.from_env({"FRESHREC_PARTITIONS": "0"})
     with pytest.raises(ConfigError, match="hashmap or rocksdb"):
         Settings.from_env({"FRESHREC_STATE_BACKEND": "memory"})
+    assert Settings.from_env({"FRESHREC_CATEGORY_TRENDING_SIZE": "0"}).category_trending_size == 0  # off
+    with pytest.raises(ConfigError, match="FRESHREC_CATEGORY_TRENDING_SIZE=-1 must be 0 or more"):
+        Settings.from_env({"FRESHREC_CATEGORY_TRENDING_SIZE": "-1"})
     with pytest.raises(ValueError, match="not both"):
         Pacer(speed=2, rate=3)
 
@@ -116,6 +129,30 @@ def test_state_is_independent_of_arrival_order_and_duplicates() -> None:
     assert len(user["last_viewed_items"]) == 5
     assert ordered[1]["category"] == max((e.ts, e.category_id) for e in events)[1]  # the newest event's
     assert ordered[2], "co-visitation found no pairs in a session-structured log"
+
+
+def test_category_trending_matches_a_full_ranking_and_restores_from_the_global_scores() -> None:
+    rng = random.Random(5)
+    t, by_category = Trending(ScoreMap()), CategoryTrending()
+    truth: dict[str, tuple[int, int, str]] = {}
+    for ts in range(3000):
+        item, events = f"i{rng.randrange(200)}", rng.randrange(1, 50)
+        category = f"c{int(item[1:]) % 7}" if rng.random() > 0.05 else f"c{rng.randrange(7)}"  # some move
+        if t.update(item, events, ts, k=10, category=category):
+            by_category.update(item, category, events, ts, k=5)
+            truth[item] = (events, ts, category)
+        if ts % 211 == 0:
+            by_category.forget(t.rebuild(10, window_ms=600))
+            assert by_category.category_of.keys() <= t.scores.keys()  # memory: no item the global list let go
+            due = by_category.due(5, window_ms=600, now=ts * 1000.0, newest=t.newest)
+            restored = CategoryTrending.restore(t.scores, k=5)
+            restored.due(5, window_ms=600, now=0, newest=t.newest)
+            assert due
+            for c in due:
+                live = [(i, v[0]) for i, v in truth.items() if v[2] == c and v[1] > t.newest - 600]
+                want = sorted(live, key=lambda iv: (-iv[1], iv[0]))[:5]
+                assert by_category.top(c, 5, window_ms=600) == want
+                assert restored.top(c, 5, window_ms=600) == want
 
 
 def test_trending_candidates_match_a_full_ranking() -> None:
