@@ -44,7 +44,7 @@ from connectors.schema import BehaviorEvent, InvalidEvent
 from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
-from serving.candidates import merge
+from serving.candidates import interleave, merge
 from serving.ranking import rank
 from streaming.state import Ev, Neighbours, RecentViews, Spec
 
@@ -226,7 +226,7 @@ class Evaluation:
         if "retrieved" not in memo:  # once per event, deep enough for either protocol's exclusions
             memo["retrieved"], memo["scores"] = rec.retrieve(user, 60 + len(self.seen[user_id]), user_id), {}
         retrieved = [i for i in memo["retrieved"] if i not in exclude][:60]
-        in_categories = [i for c in user.get("top_categories") or () for i in self.by_category.top(c)]
+        in_categories = interleave([self.by_category.top(c) for c in user.get("top_categories") or ()])
         cands = [i for i, _ in merge([("covisit", knn), ("embedding", retrieved), ("recent", recent),
                                       ("category", in_categories), ("trending", self.popularity.top)],
                                      exclude=exclude)]

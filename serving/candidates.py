@@ -11,8 +11,9 @@ them as the reason for a recommendation); only new items count against a source'
 from __future__ import annotations
 
 from collections.abc import Collection
+from itertools import chain, zip_longest
 
-QUOTAS = {"covisit": 100, "embedding": 60, "recent": 20, "category": 60, "trending": 40}
+QUOTAS = {"covisit": 100, "embedding": 60, "recent": 20, "category": 30, "trending": 40}
 
 
 def merge(sources: list[tuple[str, list[str]]], quotas: dict[str, int] | None = None,
@@ -33,3 +34,13 @@ def merge(sources: list[tuple[str, list[str]]], quotas: dict[str, int] | None = 
             found[item] = [name]
             left -= 1
     return list(found.items())
+
+
+def interleave(lists: list[list[str]]) -> list[str]:
+    """Best of each list first, then the second best of each, and so on (a quota then takes
+    from every list alike).
+
+    >>> interleave([["a", "b", "c"], ["x"], ["p", "q"]])
+    ['a', 'x', 'p', 'b', 'q', 'c']
+    """
+    return [i for i in chain.from_iterable(zip_longest(*lists)) if i is not None]

@@ -31,17 +31,17 @@ import redis
 
 from connectors.feast_redis import FeastRedisReader
 from features.definitions import trending_key
-from serving.candidates import merge
+from serving.candidates import interleave, merge
 from serving.models import Choice, ServedModels
 from serving.ranking import rank
 
 RECENT_ITEMS = 5
 RETRIEVE = 100
-MAX_CANDIDATES = 300
+MAX_CANDIDATES = 230
 # The user's own recent items first (few, strong in e-commerce), then neighbours of what they
 # viewed, then what trends in their top categories (a third of the items new to a user are in
 # them: freshrec evaluate), then what the embedding retrieves, then trending; the total is capped.
-QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "category": 60, "embedding": RETRIEVE, "trending": 40}
+QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "category": 30, "embedding": RETRIEVE, "trending": 40}
 SCORER = "transparent-v1"
 TRENDING_MAX_AGE_S = 1.0  # trending lists change slowly; one read a second, not one per request
 BREAKER_S = 1.0
@@ -208,8 +208,8 @@ class RequestPath:
         return rows
 
     def _in_categories(self, categories: list[str]) -> list[str]:
-        """The trending lists of these categories, one after another; a list read in the last
-        second is reused, the others come in one round trip."""
+        """The trending lists of these categories, interleaved; a list read in the last second
+        is reused, the others come in one round trip."""
         now = time.monotonic()
         lists = self.category_lists
         stale = [c for c in categories if now - lists.get(c, (-TRENDING_MAX_AGE_S, []))[0] >= TRENDING_MAX_AGE_S]
@@ -218,7 +218,7 @@ class RequestPath:
                 lists.clear()
             for c, raw in zip(stale, self.client.mget([trending_key(self.project, c) for c in stale]), strict=True):
                 lists[c] = (now, [str(i) for i, _ in json.loads(raw)["items"]] if raw else [])
-        return [i for c in categories for i in lists[c][1]]
+        return interleave([lists[c][1] for c in categories])
 
     def _refresh_trending(self) -> None:
         now = time.monotonic()
