@@ -52,6 +52,7 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     for e in last:
         if e.category_id:
             by_category.setdefault(e.category_id, Counter())[e.item_id] += 1
-    client.mset({trending_key(settings.feast_project, c): json.dumps(
-        {"ts": ts, "items": n.most_common(settings.category_trending_size)}) for c, n in by_category.items()})
+    if by_category:
+        client.mset({trending_key(settings.feast_project, c): json.dumps(
+            {"ts": ts, "items": n.most_common(settings.category_trending_size)}) for c, n in by_category.items()})
     return sorted(batch.users)

@@ -39,8 +39,8 @@ RECENT_ITEMS = 5
 RETRIEVE = 100
 MAX_CANDIDATES = 230
 # The user's own recent items first (few, strong in e-commerce), then neighbours of what they
-# viewed, then what trends in their top categories (a third of the items new to a user are in
-# them: freshrec evaluate), then what the embedding retrieves, then trending; the total is capped.
+# viewed, then what trends in their top categories (38 % of the items new to a user are in
+# them, on the Taobao slice), then what the embedding retrieves, then trending; the total is capped.
 QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "category": 30, "embedding": RETRIEVE, "trending": 40}
 SCORER = "transparent-v1"
 TRENDING_MAX_AGE_S = 1.0  # trending lists change slowly; one read a second, not one per request
