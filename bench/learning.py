@@ -47,7 +47,8 @@ from connectors.kafka import EventProducer, consumer  # noqa: E402
 from connectors.schema import BehaviorEvent  # noqa: E402
 from freshrec.config import Settings  # noqa: E402
 from freshrec.stack import Stack  # noqa: E402
-from jobs.topics import examples_topic  # noqa: E402
+from freshrec.status import LogOffsets  # noqa: E402
+from jobs.topics import examples_topic, jobs_to_run  # noqa: E402
 from online_learning.embeddings import TwoTower  # noqa: E402
 from online_learning.examples import BatchExamples, Example, ExampleBuilder  # noqa: E402
 from online_learning.publish import ParameterStore  # noqa: E402
@@ -192,6 +193,13 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
                 else:
                     latencies.append(seen)
                 time.sleep(0.3)
+        # How far each Flink job is behind the log (as of its last checkpoint): a job the CPU
+        # cannot keep up with (FRESHREC_CATALOGUE_NICE) shows here, not in the probes.
+        offsets = LogOffsets(s.kafka_bootstrap)
+        try:
+            behind = {name: offsets.behind(s.events_topic, group) for name, group in jobs_to_run(s).items()}
+        finally:
+            offsets.close()
         store = ParameterStore(redis.Redis.from_url(s.redis_url), s.feast_project)
         for v in store.versions_after(0):
             ver = store.get(v, blobs=False)
@@ -210,7 +218,8 @@ def visibility(rate: float, probes: int, events: list[BehaviorEvent], features: 
     qa = quantiles([t - j for t, j in zip(latencies, job_ms, strict=True) if j is not None])
     return {"features": features, "when": time.strftime("%Y-%m-%d %H:%M"), "background_rate": rate,
             "probes": probes, "warmup_s": round(warmup_s, 1), "visible": len(latencies),
-            "missed_30s": missed, "kept_up": missed < 3,
+            "missed_30s": missed, "kept_up": missed < 3, "catalogue_nice": s.catalogue_nice,
+            "jobs_behind_events": behind,
             "p50_ms": round(q[49]), "p99_ms": round(q[98]), "max_ms": round(max(latencies, default=float("nan"))),
             "feature_job_p50_ms": round(qj[49]), "feature_job_p99_ms": round(qj[98]),
             # the rest of each probe: examples topic -> trainer -> publish -> Redis -> API

@@ -40,8 +40,9 @@ class Settings:
     state_dir: Path = field(default=Path(".freshrec"), metadata=_doc("runtime files, checkpoints, logs"))
     features: str = field(default="features.catalog", metadata=_doc("the feature catalogue: a module or a .py "
                                                                     "file of definitions (features/dsl.py)"))
-    catalogue_nice: int = field(default=10, metadata=_doc("CPU niceness (0-19) of the local catalogue job: on "
-                                                          "shared cores the feature job and trainer come first"))
+    catalogue_nice: int = field(default=10, metadata=_doc(
+        "CPU niceness (0-19) of the local catalogue job: on shared cores the feature job and the trainer "
+        "come first, and the catalogue falls behind while the cores are full; 0 shares them equally"))
     window_seconds: int = field(default=3600, metadata=_doc("window of the recent counts"))
     window_pane_seconds: int = field(default=60, metadata=_doc("the recent-counts window slides in these steps"))
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))

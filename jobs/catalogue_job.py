@@ -11,7 +11,9 @@
 A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream and one
 embedded interpreter (its Python sat at ~105% of a core at 300 events/s), so a busy catalogue
 held back the training examples. Apart, each has its own consumer group, checkpoints and
-restarts, and a catalogue change restarts only this job.
+restarts, and a catalogue change restarts only this job. On shared cores this one comes last
+(FRESHREC_CATALOGUE_NICE, :func:`lower_priority`): the training examples and the features
+serving reads are the path from an event to a changed recommendation.
 
 Run: ``python -m jobs.catalogue_job`` with FRESHREC_* variables set (``freshrec up`` does,
 when the catalogue has definitions).
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pyflink.common import Types
 
 from connectors.log_epoch import Epoch
 from freshrec.config import Settings
-from jobs.feature_job import EVENT, kafka_sink, read_events, run, write_rows
+from jobs.feature_job import EVENT, kafka_sink, log, read_events, run, write_rows
 from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id
 from streaming.definitions import Deduplicate, attach
 
@@ -44,10 +47,33 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     write_rows(s, rows, tuple(finals))
 
 
+def lower_priority(nice: int) -> None:
+    """Run this process, and the JVM it starts, ``nice`` steps behind the rest of the machine.
+
+    Most kernels share CPU between sessions first (autogroup scheduling) and rank by nice only
+    within a session, so the session's group is reniced too: the process's own nice alone left
+    this job an equal share beside the feature job (measured, nice 10 and 19). Only a job that
+    leads its session renices it (``freshrec up`` starts each part in a session of its own): one
+    started from a shell leaves the shell's other processes alone."""
+    os.nice(nice)
+    autogroup = Path("/proc/self/autogroup")
+    if not autogroup.exists():  # a kernel without autogroup: nice is enough
+        return
+    if os.getsid(0) != os.getpid():
+        log(f"FRESHREC_CATALOGUE_NICE={nice} ranks the job only within its terminal session; start it "
+            "with `setsid` to put it behind the other processes", CATALOGUE_JOB_NAME)
+        return
+    try:
+        autogroup.write_text(str(nice))
+    except OSError as exc:
+        log(f"could not lower the priority of the job's session ({exc}); it shares the CPU equally",
+            CATALOGUE_JOB_NAME)
+
+
 def main() -> int:
     settings = Settings.from_env()
-    if settings.flink_mode == "local":  # the JVM it starts inherits this; on a cluster, TaskManagers isolate
-        os.nice(settings.catalogue_nice)
+    if settings.flink_mode == "local" and settings.catalogue_nice:  # on a cluster, TaskManagers isolate
+        lower_priority(settings.catalogue_nice)
     return run(CATALOGUE_JOB_NAME, catalogue_job_id, build)
 
 

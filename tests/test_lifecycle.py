@@ -74,3 +74,26 @@ def test_down_asks_the_owner_then_stops_what_is_left(tmp_path: Path) -> None:
     assert marker.exists()
     assert stubborn.returncode == -9 and service.returncode != 0
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_a_niced_catalogue_job_puts_its_whole_session_behind() -> None:
+    """Autogroup scheduling shares CPU between sessions before nice counts: the job that leads
+    its session (as `freshrec up` starts it) renices the session; one started from a shell
+    leaves the shell's session alone and says how to do better."""
+    autogroup = Path("/proc/self/autogroup")
+    code = ("import os, pathlib\nfrom jobs.catalogue_job import lower_priority\nlower_priority(7)\n"
+            "group = pathlib.Path('/proc/self/autogroup')\n"
+            "print(os.getpriority(os.PRIO_PROCESS, 0), group.read_text().split()[-1] if group.exists() else '-')")
+    root = Path(__file__).resolve().parent.parent
+
+    def run(new_session: bool) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, start_new_session=new_session,
+                             capture_output=True, text=True, check=True, timeout=60)
+        return out.stdout.strip().splitlines()
+
+    ours = autogroup.read_text().split()[-1] if autogroup.exists() else "-"
+    leader, member = run(new_session=True), run(new_session=False)
+    assert leader[-1] == ("7 7" if autogroup.exists() else "7 -")
+    assert member[-1] == f"7 {ours}"  # this session's group untouched
+    if autogroup.exists():
+        assert "setsid" in member[0]
