@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -46,6 +47,7 @@ SCORER = "transparent-v1"
 TRENDING_MAX_AGE_S = 1.0  # trending lists change slowly; one read a second, not one per request
 BREAKER_S = 1.0
 ITEM_CACHE_ENTRIES = 100_000
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,43 @@ def top_k(scores: np.ndarray, items: list[str], k: int) -> list[int]:
     else:
         pos = list(range(len(scores)))
     return sorted(pos, key=lambda j: (-scores[j], items[j]))[:k]
+
+
+def _cached(cache: dict[str, tuple[float, V]], keys: list[str], max_age_s: float,
+            fetch: Callable[[list[str]], list[V]]) -> list[V]:
+    """The value of each key: as cached while younger than ``max_age_s``, else fetched, all
+    the others in one call (``max_age_s`` 0: nothing is kept). A cache grown past
+    ITEM_CACHE_ENTRIES starts over.
+
+    >>> asked = []
+    >>> def fetch(keys):
+    ...     asked.append(keys)
+    ...     return [k.upper() for k in keys]
+    >>> cache, uncached = {}, {}
+    >>> _cached(cache, ["a", "b"], 60, fetch), _cached(cache, ["b", "c"], 60, fetch), asked
+    (['A', 'B'], ['B', 'C'], [['a', 'b'], ['c']])
+    >>> _cached(uncached, ["a"], 0, fetch), uncached
+    (['A'], {})
+    """
+    now = time.monotonic()
+    horizon = now - max_age_s
+    out: list[Any] = []
+    missing: list[int] = []
+    for j, key in enumerate(keys):
+        hit = cache.get(key)
+        if hit is not None and hit[0] >= horizon:
+            out.append(hit[1])
+        else:
+            out.append(None)
+            missing.append(j)
+    if missing:
+        if len(cache) > ITEM_CACHE_ENTRIES:
+            cache.clear()
+        for j, value in zip(missing, fetch([keys[j] for j in missing]), strict=True):
+            out[j] = value
+            if max_age_s:
+                cache[keys[j]] = (now, value)
+    return out
 
 
 class _Clock:
@@ -186,39 +225,17 @@ class RequestPath:
         return answer
 
     def _item_rows(self, items: list[str]) -> list[dict[str, Any] | None]:
-        now = time.monotonic()
-        horizon = now - self.item_cache_s
-        cache = self.item_cache
-        rows: list[dict[str, Any] | None] = []
-        missing: list[int] = []
-        for j, item in enumerate(items):
-            hit = cache.get(item)
-            if hit is not None and hit[0] >= horizon:
-                rows.append(hit[1])
-            else:
-                rows.append(None)
-                missing.append(j)
-        if missing:
-            if len(cache) > ITEM_CACHE_ENTRIES:
-                cache.clear()
-            for j, row in zip(missing, self.reader.read([("item_recent", items[j]) for j in missing]), strict=True):
-                rows[j] = row
-                if self.item_cache_s:
-                    cache[items[j]] = (now, row)
-        return rows
+        return _cached(self.item_cache, items, self.item_cache_s,
+                       lambda missing: self.reader.read([("item_recent", i) for i in missing]))
 
     def _in_categories(self, categories: list[str]) -> list[str]:
         """The trending lists of these categories, interleaved; a list read in the last second
         is reused, the others come in one round trip."""
-        now = time.monotonic()
-        lists = self.category_lists
-        stale = [c for c in categories if now - lists.get(c, (-TRENDING_MAX_AGE_S, []))[0] >= TRENDING_MAX_AGE_S]
-        if stale:
-            if len(lists) > ITEM_CACHE_ENTRIES:
-                lists.clear()
-            for c, raw in zip(stale, self.client.mget([trending_key(self.project, c) for c in stale]), strict=True):
-                lists[c] = (now, [str(i) for i, _ in json.loads(raw)["items"]] if raw else [])
-        return interleave([lists[c][1] for c in categories])
+        def read(stale: list[str]) -> list[list[str]]:
+            raws = self.client.mget([trending_key(self.project, c) for c in stale])
+            return [[str(i) for i, _ in json.loads(raw)["items"]] if raw else [] for raw in raws]
+
+        return interleave(_cached(self.category_lists, categories, TRENDING_MAX_AGE_S, read))
 
     def _refresh_trending(self) -> None:
         now = time.monotonic()
