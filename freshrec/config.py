@@ -124,8 +124,7 @@ class Settings:
     def check(self) -> None:
         positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
                     "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
-                    "covisit_top_k", "trending_size", "checkpoint_interval_ms",
-                    "broker_check_ms", "parallelism",
+                    "covisit_top_k", "trending_size", "checkpoint_interval_ms", "broker_check_ms", "parallelism",
                     "fetch_wait_ms", "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count",
                     "param_ttl_seconds", "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds",
                     "model_poll_ms", "api_workers", "redis_timeout_ms")

@@ -290,8 +290,8 @@ class TrendingItems(KeyedProcessFunction):
     REBUILD_MS = 5000
 
     def __init__(self, s: Settings) -> None:
-        self.window_ms, self.size, self.category_size = s.window_seconds * 1000, s.trending_size, \
-            s.category_trending_size
+        self.window_ms, self.size = s.window_seconds * 1000, s.trending_size
+        self.category_size = s.category_trending_size
         self.redis_url, self.project = s.redis_url, s.feast_project
 
     def open(self, runtime_context: RuntimeContext) -> None:
