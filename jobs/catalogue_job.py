@@ -47,6 +47,23 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     write_rows(s, rows, tuple(finals))
 
 
+AUTOGROUP = Path("/proc/self/autogroup")
+
+
+def session_nice(autogroup: Path = AUTOGROUP) -> int | None:
+    """The nice of this process's session group, or None where autogroup does not schedule it.
+
+    The file is missing on kernels built without autogroup, and empty for a process still in the
+    root group (no session of its own since the machine's or container's first process, as in
+    some CI sandboxes): nice ranks such a process directly.
+    """
+    try:
+        fields = autogroup.read_text().split()  # "/autogroup-42 nice 0"
+    except OSError:
+        return None
+    return int(fields[-1]) if len(fields) == 3 and fields[1] == "nice" else None
+
+
 def lower_priority(nice: int) -> None:
     """Run this process, and the JVM it starts, ``nice`` steps behind the rest of the machine.
 
@@ -56,15 +73,14 @@ def lower_priority(nice: int) -> None:
     leads its session renices it (``freshrec up`` starts each part in a session of its own): one
     started from a shell leaves the shell's other processes alone."""
     os.nice(nice)
-    autogroup = Path("/proc/self/autogroup")
-    if not autogroup.exists():  # a kernel without autogroup: nice is enough
+    if session_nice() is None:  # no autogroup over this process: nice is enough
         return
     if os.getsid(0) != os.getpid():
         log(f"FRESHREC_CATALOGUE_NICE={nice} ranks the job only within its terminal session; start it "
             "with `setsid` to put it behind the other processes", CATALOGUE_JOB_NAME)
         return
     try:
-        autogroup.write_text(str(nice))
+        AUTOGROUP.write_text(str(nice))
     except OSError as exc:
         log(f"could not lower the priority of the job's session ({exc}); it shares the CPU equally",
             CATALOGUE_JOB_NAME)
