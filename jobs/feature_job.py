@@ -232,9 +232,7 @@ class TrainingExamples(KeyedProcessFunction):
         self.settings = s
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        s = self.settings
-        self.builder = ExampleBuilder(positives=s.positive_behaviors, negatives=s.negatives,
-                                      attribution_ms=s.attribution_seconds * 1000)
+        self.builder = ExampleBuilder.of(self.settings)
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         *event, user, before, after = value
@@ -560,4 +558,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module it is, not as __main__: cloudpickle copies __main__'s classes into the job
+    # by value, and Flink's Python then imports their modules without this package's first.
+    from jobs.feature_job import main as module_main
+
+    sys.exit(module_main())
