@@ -11,6 +11,7 @@
   freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
   freshrec model [list | rollback --to VERSION]   published model versions; serve an older snapshot again
   freshrec train --source FILE        warm start: learn a historical log, publish the models as a snapshot
+                 [--from-offline-store]  ... with the features the offline store logged
 """
 
 from __future__ import annotations
@@ -285,6 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from connectors.logfile import LogFormatError
     from freshrec.evaluate import load_events
+    from online_learning.offline_examples import OfflineStoreError
     from online_learning.trainer import warm_start
 
     s = cli_settings()
@@ -296,12 +298,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"{args.source}: no valid events" + (f" (refused: {dict(refused)})" if refused else ""))
     if refused:
         print(f"refused {sum(refused.values())} rows: {dict(refused)}", file=sys.stderr)
+    if args.from_offline_store and not args.quiet:
+        print("features: as logged in the offline store, point in time", file=sys.stderr)
     try:
-        version, n = warm_start(s, events, progress=not args.quiet)
+        version, meta = warm_start(s, events, progress=not args.quiet, from_offline_store=args.from_offline_store)
     except redis.RedisError as exc:
         raise UserError(f"Redis at {s.redis_url} unreachable: {exc}") from None
-    print(f"learned {n:,} examples from {len(events):,} events; published as snapshot version {version} "
-          f"(project {s.feast_project}); a running trainer and the API follow it")
+    except OfflineStoreError as exc:
+        raise UserError(str(exc)) from None
+    if meta.get("missing_user_features"):
+        print(f"{meta['missing_user_features']:,} events of users with earlier events found no logged user "
+              "features before them (the offline store holds what the feature job read while it ran); they "
+              "learned as a new user's", file=sys.stderr)
+    print(f"learned {meta['examples']:,} examples from {len(events):,} events; published as snapshot version "
+          f"{version} (project {s.feast_project}); a running trainer and the API follow it")
     return 0
 
 
@@ -418,8 +428,12 @@ def parser() -> argparse.ArgumentParser:
     md.add_argument("action", nargs="?", default="list", choices=["list", "rollback"])
     md.add_argument("--to", type=int, help="the snapshot version to serve again (with rollback)")
     md.set_defaults(func=cmd_model)
-    log_source(sub.add_parser("train", help="warm start: learn a historical log and publish the models as a "
-                                            "snapshot")).set_defaults(func=cmd_train)
+    train = log_source(sub.add_parser("train", help="warm start: learn a historical log and publish the models "
+                                                    "as a snapshot"))
+    train.add_argument("--from-offline-store", action="store_true",
+                       help="take each event's features from the offline store, as the feature job logged them "
+                            "(default: recompute them from the log)")
+    train.set_defaults(func=cmd_train)
     ft = sub.add_parser("features", help="the feature catalogue: validate, plan, apply, parity")
     ft.add_argument("action", choices=["validate", "plan", "apply", "parity"],
                     help="validate: check the definitions; plan: what apply would change; apply: register them in "

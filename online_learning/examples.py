@@ -35,6 +35,7 @@ import random
 from collections import Counter, OrderedDict
 from typing import Any, TypedDict
 
+from freshrec.config import Settings
 from streaming.state import Ev, ItemState, Spec, UserState
 
 CONVERSIONS = ("click", "cart", "fav", "buy")
@@ -68,6 +69,12 @@ class ExampleBuilder:
         self.views: OrderedDict[tuple[str, str], tuple[int, Any, Any]] = OrderedDict()  # (user, item) -> last view
         self.max_views = max_views
         self.stats: Counter[str] = Counter()
+
+    @classmethod
+    def of(cls, s: Settings, seed: int = 0) -> ExampleBuilder:
+        """The builder the configuration asks for (the job's, a warm start's)."""
+        return cls(positives=s.positive_behaviors, negatives=s.negatives, attribution_ms=s.attribution_seconds * 1000,
+                   seed=seed)
 
     def observe_item(self, item: str, features: dict[str, Any] | None) -> None:
         """The item's features after an event (feeds the negatives' features)."""

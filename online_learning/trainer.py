@@ -33,12 +33,13 @@ from connectors.kafka import consumer
 from connectors.log_epoch import EpochWatch
 from freshrec.config import Settings
 from jobs.topics import epoch_topic, examples_topic, topic_plan
-from online_learning.examples import Example
+from online_learning.examples import BatchExamples, Example, ExampleBuilder
 from online_learning.gate import QualityGate
 from online_learning.params import decode
 from online_learning.publish import ParameterStore, Version
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
+from streaming.state import Ev, Spec
 
 SLOW_PUBLISH_MS = 250  # logged: learning and publishing wait meanwhile
 
@@ -234,36 +235,42 @@ class Trainer:
                 time.sleep(min(0.05 * 2**attempt, 1.0))
 
 
-def learn_log(settings: Settings, events: list[Any], progress: bool = True) -> tuple[OnlineRecommender, Any, int]:
-    """Learn a historical log with the batch example builder (the streaming job's feature state,
-    the same examples); returns the models, the :class:`BatchExamples` (its feature state is
-    the job's at the end of the log) and the number of examples."""
+def learn_log(settings: Settings, events: list[Any], progress: bool = True,
+              from_offline_store: bool = False) -> tuple[OnlineRecommender, Any, int]:
+    """Learn a historical log with the batch example builder; returns the models, the example
+    source and the number of examples. The features are the streaming job's state code run over
+    the log (:class:`BatchExamples`, whose state is then the job's at the end of the log), or,
+    ``from_offline_store``, the values the job logged (:class:`OfflineExamples`)."""
     from tqdm import tqdm
 
-    from online_learning.examples import BatchExamples, ExampleBuilder
-    from streaming.state import Ev, Spec
+    from online_learning.offline_examples import offline_examples
 
     rec = new_recommender(settings)
-    batch = BatchExamples(ExampleBuilder(positives=settings.positive_behaviors, negatives=settings.negatives,
-                                         attribution_ms=settings.attribution_seconds * 1000), Spec.of(settings))
+    evs = [Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "") for e in events]
+    source = (offline_examples(settings, evs, ExampleBuilder.of(settings)) if from_offline_store
+              else BatchExamples(ExampleBuilder.of(settings), Spec.of(settings)))
     n = 0
-    for e in tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="learning"):
-        examples = batch.add(Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""))
+    for ev in tqdm(evs, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="learning"):
+        examples = source.add(ev)
         if examples:  # None for a duplicate
             rec.learn_many(examples)
             n += len(examples)
     rec.embedding.step()
-    return rec, batch, n
+    return rec, source, n
 
 
-def warm_start(settings: Settings, events: list[Any], progress: bool = True) -> tuple[int, int]:
-    """:func:`learn_log`, published as a snapshot; returns (version, examples). A running trainer
-    follows it and learns on from there; the API serves it."""
-    rec, _, n = learn_log(settings, events, progress)
+def warm_start(settings: Settings, events: list[Any], progress: bool = True,
+               from_offline_store: bool = False) -> tuple[int, dict[str, Any]]:
+    """:func:`learn_log`, published as a snapshot; returns its version and what it learned (the
+    snapshot's meta). A running trainer follows it and learns on from there; the API serves it."""
+    rec, source, n = learn_log(settings, events, progress, from_offline_store)
     store = ParameterStore(redis.Redis.from_url(settings.redis_url), settings.feast_project)
+    meta = {"examples": n, "warm_start": len(events), "features": "offline store" if from_offline_store else "log"}
+    if from_offline_store and source.missing:
+        meta["missing_user_features"] = source.missing
     # No offsets: they belong to the examples topic, which this log never went through.
-    version = store.publish("snapshot", rec.snapshot(), 0, {"examples": n, "warm_start": len(events)})
-    return version, n
+    version = store.publish("snapshot", rec.snapshot(), 0, meta)
+    return version, meta
 
 
 def main() -> int:
