@@ -76,7 +76,7 @@ def pairs_per_event(events: list[BehaviorEvent], settings: Settings) -> float:
     spec, views, n = Spec.of(settings), {}, 0
     for e in events:
         if e.behavior == "view":
-            ev = Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
+            ev = Ev.of(e)
             n += len(views.setdefault(e.user_id, RecentViews()).add(ev, spec))
     return round(n / len(events), 2)
 

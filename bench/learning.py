@@ -64,7 +64,7 @@ def examples_of(events: list[BehaviorEvent]) -> list[list[Example]]:
     batch = BatchExamples(ExampleBuilder())
     out = []
     for e in events:
-        group = batch.add(Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""))
+        group = batch.add(Ev.of(e))
         if group:
             out.append(group)
     return out

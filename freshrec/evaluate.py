@@ -275,7 +275,7 @@ class Evaluation:
 
     # -- learning ------------------------------------------------------------------------------
     def _learn(self, ev: BehaviorEvent, user: dict[str, Any] | None) -> None:
-        e = Ev(ev.event_id, ev.user_id, ev.item_id, ev.behavior, ev.ts, ev.category_id or "")
+        e = Ev.of(ev)
         examples = self.batch.add(e, user)
         if examples is None:
             return  # a duplicate: the streaming job drops it at the user too

@@ -38,7 +38,7 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     neighbours: dict[str, Neighbours] = {}
     for e in events:
         if e.behavior == "view":
-            ev = Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
+            ev = Ev.of(e)
             for a, b, at in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
                 neighbours.setdefault(a, Neighbours()).add(b, at, spec)
     rows = [("user_recent", u, ts, batch.user_features(u)) for u in batch.users]

@@ -246,9 +246,10 @@ def learn_log(settings: Settings, events: list[Any], progress: bool = True,
     from online_learning.offline_examples import offline_examples
 
     rec = new_recommender(settings)
-    evs = [Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "") for e in events]
-    source = (offline_examples(settings, evs, ExampleBuilder.of(settings)) if from_offline_store
-              else BatchExamples(ExampleBuilder.of(settings), Spec.of(settings)))
+    evs = [Ev.of(e) for e in events]
+    builder = ExampleBuilder.of(settings)
+    source = (offline_examples(settings, evs, builder) if from_offline_store
+              else BatchExamples(builder, Spec.of(settings)))
     n = 0
     for ev in tqdm(evs, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="learning"):
         examples = source.add(ev)

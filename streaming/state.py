@@ -32,7 +32,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from connectors.schema import BEHAVIORS
+from connectors.schema import BEHAVIORS, BehaviorEvent
 from freshrec.config import Settings
 
 
@@ -45,6 +45,11 @@ class Ev(NamedTuple):
     behavior: str
     ts: int
     category_id: str
+
+    @classmethod
+    def of(cls, e: BehaviorEvent) -> Ev:
+        """A validated event, slimmed (no category: "")."""
+        return cls(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
 
 
 class Spec(NamedTuple):

@@ -62,7 +62,7 @@ def test_warm_start_examples_from_the_offline_store_equal_the_jobs(shared: Setti
     users' partitions name sees their events interleaved; each item here has one user.)"""
     events = [replace(e, item_id=f"{e.item_id}-{e.user_id}") for e in generated("ofx-", 120, seed=7, n_users=6)]
     produce(shared, [*events, events[40]])  # and a duplicate, which the job drops
-    evs = [Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "") for e in events]
+    evs = [Ev.of(e) for e in events]
     evs.append(evs[40])
     batch = BatchExamples(ExampleBuilder(negatives=2, seed=5), Spec.of(shared))
     expected = [batch.add(ev) for ev in evs]

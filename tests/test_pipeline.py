@@ -64,7 +64,7 @@ def test_features_match_independent_counts(shared: Settings, reader: FeastRedisR
     neighbours: dict[str, Neighbours] = {}
     for e in sorted(events, key=lambda e: (e.ts, e.event_id)):
         if e.behavior == "view":
-            ev = Ev(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
+            ev = Ev.of(e)
             for a, b, at in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
                 neighbours.setdefault(a, Neighbours()).add(b, at, spec)
     assert max(len(v.views) for v in views.values()) < shared.covisit_max_views  # no cut: order-free
