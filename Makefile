@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean down
+.PHONY: install browser demo test lint bench clean down
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -27,7 +27,15 @@ demo: install
 down:
 	$(BIN)/freshrec down
 
-test: install
+# The live page's test (tests/test_ui.py) drives Debian's Chromium through Playwright.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser test (once)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "the browser test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
+
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --doctest-modules connectors freshrec streaming jobs features serving online_learning tests
 

@@ -47,7 +47,6 @@ from connectors.kafka import EventProducer, consumer  # noqa: E402
 from connectors.schema import BehaviorEvent  # noqa: E402
 from freshrec.config import Settings  # noqa: E402
 from freshrec.stack import Stack  # noqa: E402
-from freshrec.status import LogOffsets  # noqa: E402
 from jobs.topics import examples_topic, jobs_to_run  # noqa: E402
 from online_learning.embeddings import TwoTower  # noqa: E402
 from online_learning.examples import BatchExamples, Example, ExampleBuilder  # noqa: E402
@@ -55,6 +54,7 @@ from online_learning.publish import ParameterStore  # noqa: E402
 from online_learning.ranker import FTRLRanker  # noqa: E402
 from online_learning.recommender import OnlineRecommender  # noqa: E402
 from online_learning.threads import one_thread  # noqa: E402
+from serving.status import LogOffsets  # noqa: E402
 from streaming.state import Ev  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -30,6 +30,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def alive(pid: int, group: bool = False) -> bool:
+    """Whether the process, or any process of its group, still runs. Zombies don't count: a
+    parent other than us may never reap them."""
+    if not Path("/proc").is_dir():  # not Linux: signal 0 it is (zombies count there)
+        try:
+            (os.killpg if group else os.kill)(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    stats = Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]
+    for stat in stats:
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if state != "Z" and (int(pgrp) == pid or not group):
+            return True
+    return False
+
+
+def wait_port_bindable(port: int, timeout: float, what: str) -> None:
+    """Wait until a server could listen on ``port`` (the JVM of a process that was just
+    replaced may still hold it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM's servers bind
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"port {port} is still in use after {timeout:.0f}s; set {what} to a free "
+                                       "port or stop what holds it") from None
+        time.sleep(0.2)
+
+
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

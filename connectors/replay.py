@@ -74,7 +74,8 @@ def replay(
 ) -> ProduceStats:
     """Produce events in the order given (already event-time ordered), paced."""
     pacer = Pacer(speed, rate)
-    bar = tqdm(total=total, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5,
+    # disable=None: a bar on a terminal only (a log file would fill with carriage returns).
+    bar = tqdm(total=total, unit="ev", disable=None if progress else True, file=sys.stderr, mininterval=0.5,
                desc="replay")
     try:
         for ev in events:

@@ -84,8 +84,4 @@ item_covisit = FeatureView(
 ENTITIES = [user, item, category]
 
 
-def trending_key(project: str, category: str = "") -> str:
-    """A trending list (the global one, or a category's) is one JSON value beside Feast's
-    hashes, not a feature view."""
-    return f"{project}:trending:{category}" if category else f"{project}:trending"
 FEATURE_VIEWS = [user_recent, item_recent, item_covisit]

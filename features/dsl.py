@@ -65,6 +65,12 @@ def key_parts(entity: str, join_keys: int) -> list[str]:
     return entity.split(KEY_SEPARATOR) if join_keys > 1 else [entity]
 
 
+def trending_key(project: str, category: str = "") -> str:
+    """A trending list (the global one, or a category's) is one JSON value beside Feast's
+    hashes, not a feature view."""
+    return f"{project}:trending:{category}" if category else f"{project}:trending"
+
+
 def expand(view: str, values: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """A catalogue row (view ``@<operator>``) holds every definition its operator computes for
     the entity: one per view."""

@@ -38,10 +38,10 @@ class UserError(Exception):
 
 def cli_settings() -> Settings:
     """Environment first; where it is silent, the ports of a stack started by `freshrec up`."""
-    from freshrec.stack import running
+    from serving.status import stack_doc
 
     settings = Settings.from_env()
-    doc = running(settings.state_dir)
+    doc = stack_doc(settings.state_dir)
     if doc is None:
         return settings
     merged = {**doc["settings"], **{k: v for k, v in os.environ.items() if k.startswith("FRESHREC_")}}
@@ -71,8 +71,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from connectors.embedded import ServiceError, redis_binary, tansu_binary
+    from connectors.embedded import ServiceError, alive, redis_binary, tansu_binary
     from freshrec.stack import wait_port_free
+    from serving.status import stack_doc
     from streaming.jars import missing_jars
 
     settings = Settings.from_env()
@@ -98,11 +99,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             report(True, f"{name}: {find()}")
         except ServiceError as exc:
             report(False, name, str(exc))
-    try:
-        wait_port_free(settings.api_port)
-        report(True, f"API port {settings.api_port} is free")
-    except ServiceError as exc:
-        report(False, f"API port {settings.api_port} is taken", str(exc))
+    doc = stack_doc(settings.state_dir)
+    if doc is not None and alive(doc.get("owner", 0)):
+        report(True, f"a stack is running here: its API at {doc['api']} (live page {doc['api']}/ui/)")
+    else:
+        try:
+            wait_port_free(settings.api_port)
+            report(True, f"API port {settings.api_port} is free")
+        except ServiceError as exc:
+            report(False, f"API port {settings.api_port} is taken", str(exc))
     print("all good" if not problems else f"{problems} problem(s)")
     return 1 if problems else 0
 
@@ -110,10 +115,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from connectors.embedded import ServiceError
     from connectors.kafka import BrokerError
-    from freshrec.stack import Stack, running, wait_port_free
+    from freshrec.stack import Stack, wait_port_free
+    from serving.status import stack_doc
 
     settings = Settings.from_env()
-    if running(settings.state_dir):
+    if stack_doc(settings.state_dir):
         raise UserError(f"a stack is already running (see {settings.state_dir}/stack.json); `freshrec down` first")
     wait_port_free(settings.api_port)
     stop = []
@@ -123,6 +129,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C stops the stack even when `up` was started by a script that ignores SIGINT (a
+    # background job of a shell inherits SIG_IGN).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     stack = Stack.start(settings, log=lambda m: print(m, flush=True))
     gave_up: list[ServiceError] = []
     done = threading.Event()
@@ -140,8 +149,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     supervisor.start()
     try:
         s = stack.settings
-        print(f"\nfreshrec is up\n  API       {stack.api_url}/docs\n  broker    {s.kafka_bootstrap}\n"
-              f"  Redis     {s.redis_url}\n  logs      {stack.log_dir}/\n"
+        flink = "".join(f"  Flink UI  {url}  ({name})\n" for name, url in stack.flink_ui.items())
+        print(f"\nfreshrec is up\n  live page {stack.api_url}/ui/\n  API       {stack.api_url}/docs\n"
+              f"{flink}  broker    {s.kafka_bootstrap}\n  Redis     {s.redis_url}\n  logs      {stack.log_dir}/\n"
               f"  try       curl '{stack.api_url}/recommendations?user_id=1&k=10'\n", flush=True)
         if args.demo or args.log:
             _feed(s, args)
@@ -206,11 +216,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from freshrec.stack import recent_events, running
-    from freshrec.status import as_json, collect, render
+    from serving.status import as_json, collect, recent_events, render, stack_doc
 
     s = cli_settings()
-    doc = running(s.state_dir)
+    doc = stack_doc(s.state_dir)
     if doc is None:
         print("no stack running here (start one with `freshrec up`)")
         return 1
@@ -259,20 +268,17 @@ def cmd_model(args: argparse.Namespace) -> int:
             print(f"published snapshot {args.to} again as version {version}; the API and the trainer follow it "
                   f"within FRESHREC_MODEL_POLL_MS / FRESHREC_PUBLISH_INTERVAL_MS")
             return 0
-        head = store.head()
-        if not head:
+        history = store.history()
+        if not history:
             print(f"no model published in project {s.feast_project} yet (is the trainer running?)")
             return 1
-        snaps = store.snapshots()
-        print(f"newest version {head}; snapshots kept (rollback targets): {', '.join(map(str, snaps)) or 'none'}")
-        for v in (snaps[-10:] + [head]) if head not in snaps else snaps[-10:]:
-            ver = store.get(v)
-            if ver is None:
-                continue
-            auc = ver.meta.get("auc")
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ver.created_ms / 1000))
-            extra = f", rollback of {ver.meta['rollback_of']}" if "rollback_of" in ver.meta else ""
-            print(f"  v{v:<8} {ver.kind:8} {when}  examples {ver.meta.get('examples', '?'):>9}  "
+        print(f"newest version {history[-1]['version']}; snapshots kept (rollback targets): "
+              f"{', '.join(map(str, store.snapshots())) or 'none'}")
+        for v in history:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created_ms"] / 1000))
+            extra = f", rollback of {v['rollback_of']}" if v["rollback_of"] is not None else ""
+            auc, examples = v["auc"], "?" if v["examples"] is None else v["examples"]
+            print(f"  v{v['version']:<8} {v['kind']:8} {when}  examples {examples:>9}  "
                   f"AUC {auc if auc is None else round(auc, 4)}{extra}")
     except redis.RedisError as exc:
         raise UserError(f"Redis at {s.redis_url} unreachable: {exc}") from None
@@ -465,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, ServiceError, BrokerError, ValueError) as exc:
         print(f"freshrec {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `freshrec model list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python exits
+        return 0
 
 
 if __name__ == "__main__":

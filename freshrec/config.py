@@ -67,6 +67,9 @@ class Settings:
     parallelism: int = field(default=1, metadata=_doc("Flink parallelism (2 never helped on 2 cores)"))
     flink_mode: str = field(default="local", metadata=_doc("local: a PyFlink mini-cluster in the job's process; "
                                                            "cluster: submitted with `flink run` (freshrec deploy)"))
+    flink_rest_port: int = field(default=0, metadata=_doc(
+        "REST and web UI port of a local job's Flink mini-cluster (0: any free port; `freshrec up` picks one per "
+        "job and prints it)"))
     flink_jobmanager: str = field(default="jobmanager:8081", metadata=_doc("JobManager REST address (cluster mode)"))
     sink_flush_ms: int = field(default=50, metadata=_doc("longest a feature row waits before Redis"))
     sink_batch_rows: int = field(default=500, metadata=_doc("feature rows per Redis pipeline"))
@@ -130,7 +133,7 @@ class Settings:
                     "model_poll_ms", "api_workers", "redis_timeout_ms")
         if not 0 <= self.catalogue_nice <= 19:
             raise ConfigError(f"FRESHREC_CATALOGUE_NICE={self.catalogue_nice} must be between 0 and 19")
-        for name in ("item_cache_ms", "category_trending_size"):
+        for name in ("item_cache_ms", "category_trending_size", "flink_rest_port"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be 0 or more")
         for name in positive:

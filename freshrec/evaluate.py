@@ -292,7 +292,8 @@ class Evaluation:
         """Evaluate, then learn, event by event; yields the index of each event done."""
         freeze = int(len(events) * self.freeze_at)
         per_slice = max(1, math.ceil(len(events) / self.n_slices))
-        for n, ev in enumerate(tqdm(events, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5)):
+        for n, ev in enumerate(tqdm(events, unit="ev", disable=None if progress else True, file=sys.stderr,
+                                    mininterval=0.5)):
             if n == freeze and self.frozen is None and self.part != "live":
                 self.frozen = OnlineRecommender.restore(self.online.snapshot())
             user = self.batch.user_features(ev.user_id)

@@ -17,7 +17,8 @@ import redis
 from connectors.feast_redis import FeastRedisWriter
 from connectors.schema import validate
 from connectors.simulator import simulate
-from features.definitions import FEATURE_VIEWS, trending_key
+from features.definitions import FEATURE_VIEWS
+from features.dsl import trending_key
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.trainer import learn_log

@@ -25,9 +25,10 @@ from typing import Any
 
 import httpx
 
-from connectors.embedded import Service, ServiceError, start_broker, start_redis, wait_for_port
+from connectors.embedded import Service, ServiceError, alive, free_port, start_broker, start_redis, wait_for_port
 from freshrec.config import Settings
 from jobs.topics import JOB_IDS, jobs_to_run, prepare_log
+from serving.status import events_file, stack_doc
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTARTS, RESTART_WINDOW_S = 5, 600
@@ -40,23 +41,12 @@ def stack_file(settings: Settings) -> Path:
     return settings.state_dir / "stack.json"
 
 
-def events_file(state_dir: Path) -> Path:
-    return state_dir / "events.jsonl"
-
-
 def record(state_dir: Path, component: str, what: str) -> dict[str, Any]:
     """Append one line to the stack's event log (what happened to which part, and when)."""
     event = {"ts": time.time(), "component": component, "what": what}
     with events_file(state_dir).open("a") as f:
         f.write(json.dumps(event) + "\n")
     return event
-
-
-def recent_events(state_dir: Path, n: int = 10) -> list[dict[str, Any]]:
-    path = events_file(state_dir)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines()[-n:] if line.strip()]
 
 
 def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
@@ -87,26 +77,6 @@ def stop_groups(pids: list[int], timeout: float = 10.0) -> None:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def alive(pid: int, group: bool = False) -> bool:
-    """Whether the process, or any process of its group, still runs. Zombies don't count: a
-    parent other than us may never reap them."""
-    if not Path("/proc").is_dir():  # not Linux: signal 0 it is (zombies count there)
-        try:
-            (os.killpg if group else os.kill)(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    stats = Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]
-    for stat in stats:
-        try:
-            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-        if state != "Z" and (int(pgrp) == pid or not group):
-            return True
-    return False
 
 
 def stop_group(pid: int, timeout: float = 10.0) -> None:
@@ -146,6 +116,7 @@ class Stack:
     services: list[Service] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, list[float]] = field(default_factory=dict)  # part -> when it was restarted
+    flink_ui: dict[str, str] = field(default_factory=dict)  # Flink job -> its mini-cluster's web UI
 
     @property
     def log_dir(self) -> Path:
@@ -190,7 +161,7 @@ class Stack:
         return stack
 
     def save(self) -> None:
-        doc = {"settings": self.settings.to_env(), "api": self.api_url,
+        doc = {"settings": self.settings.to_env(), "api": self.api_url, "flink_ui": self.flink_ui,
                "pids": {name: p.pid for name, p in self.procs.items()}
                | {s.name: s.proc.pid for s in self.services},
                "services": [s.name for s in self.services], "owner": os.getpid(), "started": time.time()}
@@ -199,7 +170,11 @@ class Stack:
     def start_process(self, name: str) -> subprocess.Popen[bytes]:
         if name == "api":
             return start_api(self.settings, self.log_dir)
-        return start_job(name, self.settings, self.log_dir)
+        settings = self.settings
+        if name in JOB_IDS:  # each job's web UI on a port of its own, kept across restarts
+            url = self.flink_ui.setdefault(name, f"http://127.0.0.1:{free_port()}")
+            settings = settings.replace(flink_rest_port=int(url.rsplit(":", 1)[1]))
+        return start_job(name, settings, self.log_dir)
 
     def supervise(self, log: Any = print) -> list[dict[str, Any]]:
         """Start again what died; returns the events recorded. Raises :class:`ServiceError` for
@@ -250,18 +225,13 @@ class Stack:
         stack_file(self.settings).unlink(missing_ok=True)
 
 
-def running(state_dir: Path) -> dict[str, Any] | None:
-    path = state_dir / "stack.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def down(state_dir: Path, timeout: float = 60.0) -> list[str]:
     """Stop a stack started by another ``freshrec up`` process; returns what was stopped.
 
     The ``up`` process is asked first (SIGTERM), so that it stops its children in order and
     reaps them; whatever is still running after ``timeout`` is stopped here.
     """
-    doc = running(state_dir)
+    doc = stack_doc(state_dir)
     if doc is None:
         return []
     owner = doc.get("owner")

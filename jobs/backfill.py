@@ -34,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from connectors.embedded import alive
 from connectors.logfile import detect_format, open_log
 from connectors.offline_store import arrow_schema, join_keys
 from connectors.schema import MIN_TS_MS, InvalidEvent, dead_letter, validate
@@ -41,7 +42,6 @@ from features.dsl import Definition, load
 from features.registry import definition_views
 from features.store import repo_dir
 from freshrec.config import Settings
-from freshrec.stack import alive
 from streaming.batch import DAY_MS, DayFiles, Layout, day_of, log
 from streaming.definitions import max_window_ms
 
@@ -137,7 +137,7 @@ def stage(sources: list[Path], fmt: str, lo: int, hi: int, s: Settings, into: Pa
     newest = -(2**63)
     bound = s.out_of_orderness_ms + 1 + s.allowed_lateness_ms  # the job's watermark lags by ooo + 1 ms
     total = sum(p.stat().st_size for p in sources)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=None if progress else True, file=sys.stderr,
                mininterval=0.5)
     now_ms = int(time.time() * 1000)
     with into.open("w") as out, rejected.open("a") as bad:

@@ -58,8 +58,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.log_epoch import Epoch, EpochWatch
 from connectors.schema import InvalidEvent, dead_letter, validate
-from features.definitions import trending_key
-from features.dsl import DEFINED, expand
+from features.dsl import DEFINED, expand, trending_key
 from freshrec.config import Settings
 from jobs.topics import (
     JOB_NAME,

@@ -112,6 +112,22 @@ class ParameterStore:
     def snapshots(self) -> list[int]:
         return [int(v) for v in self.client.zrange(f"{self.prefix}:snapshots", 0, -1)]
 
+    def history(self, n: int = 10) -> list[dict[str, Any]]:
+        """The newest ``n`` snapshots (the rollback targets) and the head, oldest first: what
+        ``freshrec model list`` prints and the API's ``GET /model/versions`` returns."""
+        head = self.head()
+        wanted = self.snapshots()[-n:]
+        if head and head not in wanted:
+            wanted.append(head)
+        out = []
+        for v in wanted:
+            ver = self.get(v, blobs=False)
+            if ver is not None:
+                out.append({"version": v, "kind": ver.kind, "created_ms": ver.created_ms,
+                            "examples": ver.meta.get("examples"), "auc": ver.meta.get("auc"),
+                            "rollback_of": ver.meta.get("rollback_of"), "head": v == head})
+        return out
+
     def catch_up(self, served: int) -> list[Version]:
         """What a reader at ``served`` applies to reach the head: the deltas after it, or, when
         the chain is broken (or it has nothing yet), the newest snapshot and the deltas after that."""

@@ -251,7 +251,8 @@ def learn_log(settings: Settings, events: list[Any], progress: bool = True,
     source = (offline_examples(settings, evs, builder) if from_offline_store
               else BatchExamples(builder, Spec.of(settings)))
     n = 0
-    for ev in tqdm(evs, unit="ev", disable=not progress, file=sys.stderr, mininterval=0.5, desc="learning"):
+    for ev in tqdm(evs, unit="ev", disable=None if progress else True, file=sys.stderr, mininterval=0.5,
+                   desc="learning"):
         examples = source.add(ev)
         if examples:  # None for a duplicate
             rec.learn_many(examples)

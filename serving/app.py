@@ -1,9 +1,11 @@
 """The recommendation API.
 
 For apps:  ``GET /recommendations`` (and ``POST`` with context), ``POST /events``.
-For operators: ``GET /model``, ``/healthz``, ``/readyz``, ``/metrics``, and, with the
-``X-API-Key`` from FRESHREC_ADMIN_API_KEY, ``/admin/rollback``, ``/admin/publish`` and
-``/admin/canary``. The request path is serving/request_path.py; the served versions
+For operators: ``GET /model``, ``/model/versions``, ``/status``, ``/healthz``, ``/readyz``,
+``/metrics``, and, with the ``X-API-Key`` from FRESHREC_ADMIN_API_KEY, ``/admin/rollback``,
+``/admin/publish`` and ``/admin/canary``. For analysts: ``GET /features`` and
+``/features/values``. For people: the live page at ``/ui/`` (serving/ui/), which reads only
+these endpoints. The request path is serving/request_path.py; the served versions
 serving/models.py.
 
 Run: ``uvicorn serving.app:app`` with FRESHREC_* variables set (``freshrec up`` does).
@@ -16,26 +18,33 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import redis
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import BrokerError, EventProducer
 from connectors.schema import InvalidEvent
 from features.definitions import FEATURE_VIEWS
+from features.dsl import KEY_SEPARATOR
+from features.registry import DEFINED_TAG, all_views
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.threads import one_thread
 from serving.metrics import Metrics, RequestTimer
 from serving.models import ServedModels, UnknownVersion, freeze_heap
 from serving.request_path import Answer, Context, RequestPath
+from serving.status import StatusFeed
+
+UI = Path(__file__).parent / "ui"
 
 # Ids are the app's own; refuse only what cannot be one (empty, whitespace, control characters).
 ID = r"^[^\s\x00-\x1f\x7f]{1,128}$"
@@ -118,6 +127,37 @@ class Published(BaseModel):
     of: int  # the snapshot it republishes
 
 
+class VersionInfo(BaseModel):
+    version: int
+    kind: str  # snapshot (a rollback target) or delta
+    created_ms: int
+    examples: int | None
+    auc: float | None  # prequential AUC when it was published
+    rollback_of: int | None
+    head: bool  # the newest version (what the API follows)
+
+
+class Versions(BaseModel):
+    served: int  # the version this API process serves
+    versions: list[VersionInfo]  # the newest snapshots and the head, oldest first
+
+
+class FeatureViewInfo(BaseModel):
+    name: str
+    built_in: bool  # written by the feature job itself (False: a catalogue definition)
+    join_keys: list[str]
+    features: list[str]
+    owner: str
+    description: str
+    ttl_s: int
+    tags: dict[str, str]  # window, aggregation, entity ... for catalogue definitions
+
+
+class FeatureValues(BaseModel):
+    entity: dict[str, str]  # the join keys asked for
+    views: dict[str, dict[str, Any]]  # view -> {"values": {feature: value} or None, "event_ms": ...}
+
+
 def create_app(settings: Settings | None = None, own_process: bool = False) -> FastAPI:
     """``own_process``: the app is all the process does (uvicorn's workers), so it may set
     process-wide things: one BLAS/torch thread, and a frozen heap (serving/models.py)."""
@@ -128,12 +168,18 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
     reader = FeastRedisReader(client, settings.feast_project, FEATURE_VIEWS)
     producer: list[EventProducer] = []  # created on first ingest, so the API starts without a broker
-    store = ParameterStore(client, settings.feast_project)
-    # The follower may wait on big snapshots: its own client, with a longer timeout.
-    models = ServedModels(ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10),
-                                         settings.feast_project), settings.model_poll_ms, freeze=own_process)
+    # Versions move whole snapshots (a rollback copies one: tens of MB), so the follower and the
+    # admin endpoints have a client with a longer timeout than the request path's.
+    store = ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2),
+                           settings.feast_project)
+    models = ServedModels(store, settings.model_poll_ms, freeze=own_process)
     path = RequestPath(client, reader, models, settings.feast_project, settings.item_cache_ms)
     metrics = Metrics(models, path)
+    # The page's views: every feature view, the catalogue's too, through a reader of their own
+    # (the request path's caches stay the hot path's).
+    views = all_views(settings)
+    page_reader = FeastRedisReader(client, settings.feast_project, views, cache_entries=10_000)
+    feed = StatusFeed(settings, api=lambda: model().model_dump(), extra=lambda: {"requests": metrics.recent()})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -141,6 +187,7 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
             freeze_heap()  # the imports; again once a model is in
         models.start()
         yield
+        feed.stop()
         models.stop()
         for p in producer:
             p.close()
@@ -244,6 +291,66 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
                          lag_ms=now - models.published_ms if models.published_ms else None, error=models.error,
                          canary={"version": canary[0], "share": canary[1]} if canary else None,
                          item=models.knows(item_id) if item_id else None)
+
+    @app.get("/model/versions", response_model=Versions, responses={503: {"description": "Redis unavailable"}})
+    def model_versions() -> Versions:
+        """The newest snapshots (rollback targets) and the newest version, as `freshrec model list` shows them."""
+        try:
+            history = store.history(20)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"parameter store unavailable: {exc}") from exc
+        return Versions(served=models.version, versions=[VersionInfo(**v) for v in history])
+
+    @app.get("/status")
+    def status() -> dict[str, Any]:
+        """Each part of the pipeline (what `freshrec status --json` prints), collected about once
+        a second while asked for, with event rates and this process's recent requests."""
+        return feed.latest()
+
+    # -- for analysts ----------------------------------------------------------------------------
+    @app.get("/features", response_model=list[FeatureViewInfo])
+    def feature_views() -> list[FeatureViewInfo]:
+        """Every feature view: the feature job's own and each catalogue definition, with its metadata."""
+        return [FeatureViewInfo(name=v.name, built_in=DEFINED_TAG not in (v.tags or {}),
+                                join_keys=[c.name for c in v.entity_columns], features=[f.name for f in v.features],
+                                owner=v.owner, description=v.description,
+                                ttl_s=int(v.ttl.total_seconds()) if v.ttl else 0,
+                                tags={k: t for k, t in (v.tags or {}).items() if k != DEFINED_TAG}) for v in views]
+
+    @app.get("/features/values", response_model=FeatureValues,
+             responses={404: {"description": "no feature view has these join keys"},
+                        503: {"description": "Redis unavailable"}})
+    def feature_values(
+        user_id: Annotated[str | None, Query(pattern=ID)] = None,
+        item_id: Annotated[str | None, Query(pattern=ID)] = None,
+        category_id: Annotated[str | None, Query(pattern=ID)] = None,
+    ) -> FeatureValues:
+        """The newest values of every view whose join keys are all given (a user's views, an
+        item's, a category's, and with user_id and category_id the pair's)."""
+        given = {k: v for k, v in (("user_id", user_id), ("item_id", item_id), ("category_id", category_id)) if v}
+        wanted = [(name, layout) for name, layout in page_reader.layouts.items()
+                  if layout.join_keys and set(layout.join_keys) <= set(given)]
+        if not wanted:
+            raise HTTPException(404, "no feature view is keyed by " + (", ".join(given) or "nothing")
+                                + "; give user_id, item_id and/or category_id")
+        requests = [(name, KEY_SEPARATOR.join(given[k] for k in layout.join_keys)) for name, layout in wanted]
+        try:
+            rows = page_reader.read(requests)
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"online store unavailable: {exc}") from exc
+        out = {}
+        for (name, _), row in zip(requests, rows, strict=True):
+            values = dict(row) if row else None
+            event_ms = values.pop("_event_ts_ms", None) if values else None
+            out[name] = {"values": values, "event_ms": event_ms}
+        return FeatureValues(entity=given, views=out)
+
+    # -- for people: the live page ---------------------------------------------------------------
+    @app.get("/ui", include_in_schema=False)
+    def ui_root() -> RedirectResponse:
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui/", StaticFiles(directory=UI, html=True), name="ui")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

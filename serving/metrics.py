@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,7 +41,31 @@ class Metrics:
         self.candidates = Counter("freshrec_candidates", "candidates by the source that found them", ["source"],
                                   registry=r)
         self.models, self.path = models, path
+        self._seen: deque[tuple[float, dict[float, float], dict[str, float], float]] = deque()
         r.register(_Live(self))
+
+    def recent(self, window_s: float = 10.0) -> dict[str, Any]:
+        """This process's recommendation requests over about the last ``window_s``: their
+        count, p50/p99 latency (interpolated within the histogram's buckets) and the
+        candidates by source. Call it about once a second (the status feed does)."""
+        now = time.monotonic()
+        latency = {float(x.labels["le"]): x.value for m in self.latency.collect() for x in m.samples
+                   if x.name.endswith("_bucket") and x.labels.get("endpoint") == "/recommendations"}
+        sources = {x.labels["source"]: x.value for m in self.candidates.collect() for x in m.samples
+                   if x.name.endswith("_total")}
+        degraded = next((x.value for m in self.degraded.collect() for x in m.samples if x.name.endswith("_total")),
+                        0.0)
+        self._seen.append((now, latency, sources, degraded))
+        while len(self._seen) > 2 and now - self._seen[1][0] >= window_s:
+            self._seen.popleft()
+        then, old_latency, old_sources, old_degraded = self._seen[0]
+        bounds = sorted(latency)
+        cumulative = [latency[b] - old_latency.get(b, 0.0) for b in bounds]
+        requests = int(cumulative[-1]) if cumulative else 0
+        return {"window_s": round(now - then, 1), "requests": requests,
+                "p50_ms": _quantile_ms(bounds, cumulative, 0.5), "p99_ms": _quantile_ms(bounds, cumulative, 0.99),
+                "degraded": int(degraded - old_degraded),
+                "sources": {k: int(v - old_sources.get(k, 0.0)) for k, v in sorted(sources.items())}}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         now_ms = time.time() * 1000
@@ -62,6 +87,29 @@ class Metrics:
             MultiProcessCollector(registry)
             registry.register(_Live(self))
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _quantile_ms(bounds: list[float], cumulative: list[float], q: float) -> float | None:
+    """The ``q`` quantile of a histogram (cumulative counts per upper bound), in ms,
+    interpolated within its bucket; past the last finite bound, that bound.
+
+    >>> _quantile_ms([0.001, 0.002, float("inf")], [50, 100, 100], 0.75)
+    1.5
+    >>> _quantile_ms([0.001, float("inf")], [0, 4], 0.5)
+    1.0
+    """
+    if not cumulative or cumulative[-1] <= 0:
+        return None
+    target = q * cumulative[-1]
+    lower, below = 0.0, 0.0
+    for bound, count in zip(bounds, cumulative, strict=True):
+        if count >= target:
+            if bound == float("inf"):
+                return round(lower * 1000, 2) if lower else None
+            inside = count - below
+            return round((lower + (bound - lower) * ((target - below) / inside if inside else 1.0)) * 1000, 2)
+        lower, below = bound, count
+    return None
 
 
 class RequestTimer:
@@ -95,6 +143,29 @@ class RequestTimer:
 class _Live:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+
+    def recent(self, window_s: float = 10.0) -> dict[str, Any]:
+        """This process's recommendation requests over about the last ``window_s``: their
+        count, p50/p99 latency (interpolated within the histogram's buckets) and the
+        candidates by source. Call it about once a second (the status feed does)."""
+        now = time.monotonic()
+        latency = {float(x.labels["le"]): x.value for m in self.latency.collect() for x in m.samples
+                   if x.name.endswith("_bucket") and x.labels.get("endpoint") == "/recommendations"}
+        sources = {x.labels["source"]: x.value for m in self.candidates.collect() for x in m.samples
+                   if x.name.endswith("_total")}
+        degraded = next((x.value for m in self.degraded.collect() for x in m.samples if x.name.endswith("_total")),
+                        0.0)
+        self._seen.append((now, latency, sources, degraded))
+        while len(self._seen) > 2 and now - self._seen[1][0] >= window_s:
+            self._seen.popleft()
+        then, old_latency, old_sources, old_degraded = self._seen[0]
+        bounds = sorted(latency)
+        cumulative = [latency[b] - old_latency.get(b, 0.0) for b in bounds]
+        requests = int(cumulative[-1]) if cumulative else 0
+        return {"window_s": round(now - then, 1), "requests": requests,
+                "p50_ms": _quantile_ms(bounds, cumulative, 0.5), "p99_ms": _quantile_ms(bounds, cumulative, 0.99),
+                "degraded": int(degraded - old_degraded),
+                "sources": {k: int(v - old_sources.get(k, 0.0)) for k, v in sorted(sources.items())}}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         return self.metrics.collect()

@@ -31,7 +31,7 @@ import numpy as np
 import redis
 
 from connectors.feast_redis import FeastRedisReader
-from features.definitions import trending_key
+from features.dsl import trending_key
 from serving.candidates import interleave, merge
 from serving.models import Choice, ServedModels
 from serving.ranking import rank

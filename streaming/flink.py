@@ -14,6 +14,7 @@ import site
 import sys
 from pathlib import Path
 
+from connectors.embedded import wait_port_bindable
 from freshrec.config import Settings
 from streaming.jars import pipeline_jars_option
 
@@ -54,6 +55,10 @@ def environment(settings: Settings, name: str, restore: bool = True, batch: bool
         conf.set_string("python.executable", sys.executable)
         conf.set_string("python.client.executable", sys.executable)
         conf.set_string("rest.bind-address", "127.0.0.1")
+        if settings.flink_rest_port:  # the web UI where `freshrec up` said it would be
+            # A job started over (new log epoch, restart) waits for its old JVM to let the port go.
+            wait_port_bindable(settings.flink_rest_port, 30, "FRESHREC_FLINK_REST_PORT")
+            conf.set_string("rest.port", str(settings.flink_rest_port))
     conf.set_string("pipeline.name", name)
     conf.set_string("python.execution-mode", "thread")  # process mode adds seconds of latency
     if batch:

@@ -32,10 +32,10 @@ from connectors.schema import BehaviorEvent
 from features.definitions import FEATURE_VIEWS
 from features.store import repo_dir
 from freshrec.config import Settings
-from freshrec.stack import Stack, recent_events
-from freshrec.status import LogOffsets, collect, render
+from freshrec.stack import Stack
 from jobs.topics import epoch_topic, examples_topic, feature_log_topic, offline_group, topic_plan
 from online_learning.publish import ParameterStore
+from serving.status import LogOffsets, collect, recent_events, render
 from streaming.definitions import final_row
 from streaming.state import Spec
 from tests.conftest import wait_until
@@ -285,6 +285,9 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
     assert parts["trainer"].figures["published_version"] >= 1
     assert parts["api"].figures["served_version"] >= 1
     assert parts["dead letters"].figures["count"] == 0
+    for job in ("feature_job", "catalogue_job"):  # each job's Flink web UI where `up` said, restarts included
+        ui = parts[job].figures["web_ui"]
+        assert ui == stack.flink_ui[job] and httpx.get(ui + "/overview", timeout=5).json()["jobs-running"] == 1
     what = [(e["component"], e["what"]) for e in recent_events(s.state_dir)]
     assert [c for c, _ in what] == ["broker", "broker", "redis", "trainer"]
     assert "log is gone" in what[1][1] and "append-only" in what[2][1]

@@ -13,7 +13,7 @@ from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import EventProducer
 from connectors.schema import BehaviorEvent, validate
 from connectors.simulator import simulate
-from features.definitions import trending_key
+from features.dsl import trending_key
 from features.store import feature_store
 from freshrec.config import Settings
 from serving.app import create_app

@@ -25,7 +25,8 @@ from hypothesis import settings as hypothesis_settings
 
 from connectors.embedded import Service, start_redis
 from connectors.feast_redis import FeastRedisWriter
-from features.definitions import FEATURE_VIEWS, trending_key
+from features.definitions import FEATURE_VIEWS
+from features.dsl import trending_key
 from freshrec.config import Settings
 from freshrec.seed import seed_online_state
 from online_learning.publish import ParameterStore
