@@ -144,28 +144,5 @@ class _Live:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def recent(self, window_s: float = 10.0) -> dict[str, Any]:
-        """This process's recommendation requests over about the last ``window_s``: their
-        count, p50/p99 latency (interpolated within the histogram's buckets) and the
-        candidates by source. Call it about once a second (the status feed does)."""
-        now = time.monotonic()
-        latency = {float(x.labels["le"]): x.value for m in self.latency.collect() for x in m.samples
-                   if x.name.endswith("_bucket") and x.labels.get("endpoint") == "/recommendations"}
-        sources = {x.labels["source"]: x.value for m in self.candidates.collect() for x in m.samples
-                   if x.name.endswith("_total")}
-        degraded = next((x.value for m in self.degraded.collect() for x in m.samples if x.name.endswith("_total")),
-                        0.0)
-        self._seen.append((now, latency, sources, degraded))
-        while len(self._seen) > 2 and now - self._seen[1][0] >= window_s:
-            self._seen.popleft()
-        then, old_latency, old_sources, old_degraded = self._seen[0]
-        bounds = sorted(latency)
-        cumulative = [latency[b] - old_latency.get(b, 0.0) for b in bounds]
-        requests = int(cumulative[-1]) if cumulative else 0
-        return {"window_s": round(now - then, 1), "requests": requests,
-                "p50_ms": _quantile_ms(bounds, cumulative, 0.5), "p99_ms": _quantile_ms(bounds, cumulative, 0.99),
-                "degraded": int(degraded - old_degraded),
-                "sources": {k: int(v - old_sources.get(k, 0.0)) for k, v in sorted(sources.items())}}
-
     def collect(self) -> Iterator[GaugeMetricFamily]:
         return self.metrics.collect()
