@@ -28,17 +28,13 @@ import httpx
 from connectors.embedded import Service, ServiceError, alive, free_port, start_broker, start_redis, wait_for_port
 from freshrec.config import Settings
 from jobs.topics import JOB_IDS, jobs_to_run, prepare_log
-from serving.status import events_file, stack_doc
+from serving.status import events_file, stack_doc, stack_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTARTS, RESTART_WINDOW_S = 5, 600
 # The stack's processes, in start order, and their modules (the API runs under uvicorn).
 PROCESSES = {"feature_job": "jobs.feature_job", "catalogue_job": "jobs.catalogue_job",
              "offline_store": "connectors.offline_store", "trainer": "online_learning.trainer", "api": "serving.app"}
-
-
-def stack_file(settings: Settings) -> Path:
-    return settings.state_dir / "stack.json"
 
 
 def record(state_dir: Path, component: str, what: str) -> dict[str, Any]:
@@ -165,7 +161,7 @@ class Stack:
                "pids": {name: p.pid for name, p in self.procs.items()}
                | {s.name: s.proc.pid for s in self.services},
                "services": [s.name for s in self.services], "owner": os.getpid(), "started": time.time()}
-        stack_file(self.settings).write_text(json.dumps(doc, indent=2))
+        stack_file(self.settings.state_dir).write_text(json.dumps(doc, indent=2))
 
     def start_process(self, name: str) -> subprocess.Popen[bytes]:
         if name == "api":
@@ -222,7 +218,7 @@ class Stack:
             proc.wait()
         for service in reversed(self.services):
             service.stop()
-        stack_file(self.settings).unlink(missing_ok=True)
+        stack_file(self.settings.state_dir).unlink(missing_ok=True)
 
 
 def down(state_dir: Path, timeout: float = 60.0) -> list[str]:
@@ -245,7 +241,7 @@ def down(state_dir: Path, timeout: float = 60.0) -> list[str]:
     # The jobs and the API first (together), then the broker and Redis they talk to.
     stop_groups([pid for name, pid in pids.items() if name not in services])
     stop_groups([pid for name, pid in pids.items() if name in services])
-    (state_dir / "stack.json").unlink(missing_ok=True)
+    stack_file(state_dir).unlink(missing_ok=True)
     return list(pids)
 
 

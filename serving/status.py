@@ -1,6 +1,6 @@
 """Each part of a running pipeline: up or down, how far behind, what happened.
 
-    broker         up    127.0.0.1:40123, log epoch 3f2a9c0e1b7d (since 2026-11-24 12:00:01), 51234 events
+    broker         up    127.0.0.1:40123, log epoch 3f2a9c0e1b7d (since 2026-11-24 12:00:01); 51234 events on ...
     feature_job    up    behind by 0 events (as of its last checkpoint); last checkpoint chk-41, 2 s ago; ...
     ...
     dead letters         14 on behavior-events-dlq; newest: ts: more than a day ahead (api)
@@ -49,9 +49,13 @@ class Part:
     figures: dict[str, Any] = field(default_factory=dict)  # the same, for --json and the page
 
 
+def stack_file(state_dir: Path) -> Path:
+    return state_dir / "stack.json"
+
+
 def stack_doc(state_dir: Path) -> dict[str, Any] | None:
     """What ``freshrec up`` wrote about the stack it runs (ports, pids, web UIs), if one runs."""
-    path = state_dir / "stack.json"
+    path = stack_file(state_dir)
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -104,7 +108,8 @@ class LogOffsets:
         return _behind(self.end(topic), self.committed(group, topic))
 
     def newest(self, topic: str, ends: dict[int, int], n: int) -> list[bytes]:
-        """The values of the last ``n`` records of each partition, oldest first."""
+        """The values of the newest ``n`` records over the partitions (``ends``: their log ends),
+        oldest first."""
         tps = [TopicPartition(topic, p) for p, end in ends.items() if end]
         if not tps:
             return []
