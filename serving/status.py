@@ -162,9 +162,8 @@ def collect(settings: Settings, doc: dict[str, Any] | None, offsets: LogOffsets 
 
     broker, redis_part, offline, trainer, api_part = (part(n) for n in ("broker", "redis", "offline_store",
                                                                        "trainer", "api"))
-    names = [n for n in jobs_to_run(s) if n in pids] if doc else list(jobs_to_run(s))
-    groups = jobs_to_run(s)
-    jobs = [(part(n), groups[n]) for n in names]
+    groups = jobs_to_run(s)  # job -> its id (consumer group, checkpoint folder)
+    jobs = [(part(n), group) for n, group in groups.items() if doc is None or n in pids]
     for job, _ in jobs:
         if job.component in ui:
             job.figures["web_ui"] = ui[job.component]
@@ -207,8 +206,8 @@ def collect(settings: Settings, doc: dict[str, Any] | None, offsets: LogOffsets 
             if offsets is None:
                 log.close()
 
-    for job, _ in jobs:
-        ckpt = latest_checkpoint(checkpoint_root(s, groups[job.component]))
+    for job, job_id in jobs:
+        ckpt = latest_checkpoint(checkpoint_root(s, job_id))
         if ckpt is None:
             job.details.append("no checkpoint yet")
         else:
