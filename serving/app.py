@@ -25,7 +25,7 @@ import orjson
 import redis
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -345,12 +345,8 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
             out[name] = {"values": values, "event_ms": event_ms}
         return FeatureValues(entity=given, views=out)
 
-    # -- for people: the live page ---------------------------------------------------------------
-    @app.get("/ui", include_in_schema=False)
-    def ui_root() -> RedirectResponse:
-        return RedirectResponse("/ui/")
-
-    app.mount("/ui/", StaticFiles(directory=UI, html=True), name="ui")
+    # -- for people: the live page (/ui redirects to /ui/, which serves index.html) ---------------
+    app.mount("/ui", StaticFiles(directory=UI, html=True), name="ui")
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
