@@ -172,7 +172,7 @@ def collect(settings: Settings, doc: dict[str, Any] | None, offsets: LogOffsets 
     examples_end: dict[int, int] = {}
     epoch = None
     try:
-        epoch = read_epoch(s.kafka_bootstrap, epoch_topic(s), timeout_s=3)
+        epoch = read_epoch(s.kafka_bootstrap, epoch_topic(s), timeout_s=3, using=offsets.c if offsets else None)
         broker.details.append(f"{s.kafka_bootstrap}, log epoch {epoch or 'none (topics not created)'}")
         broker.figures["epoch"] = epoch.id if epoch else None
         log = log or LogOffsets(s.kafka_bootstrap)
