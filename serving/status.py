@@ -16,6 +16,7 @@ events (restarts), newest last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -311,16 +312,18 @@ class StatusFeed:
                 started = time.monotonic()
                 s = self.settings
                 if offsets is None:
-                    try:
+                    with contextlib.suppress(KafkaError):  # no broker: collect() says so
                         offsets = LogOffsets(s.kafka_bootstrap)
-                    except KafkaError:
-                        offsets = None
                 try:
                     parts = collect(s, stack_doc(s.state_dir), offsets, self.api())
-                except Exception:  # noqa: BLE001 - the broker went away mid-read: connect afresh next time
-                    if offsets is not None:
+                except Exception as exc:  # noqa: BLE001 - e.g. the broker went away mid-read
+                    if offsets is not None:  # connect afresh next time
                         offsets.close()
                     offsets = None
+                    with self._lock:  # said, not swallowed: the page shows it
+                        self._latest = {"at": int(time.time() * 1000), "components": [], "events": [], "rates": {},
+                                        "error": f"collecting the status failed: {type(exc).__name__}: {exc}"}
+                        self._ready.notify_all()
                     time.sleep(self.every_s)
                     continue
                 doc = as_dict(parts, recent_events(s.state_dir))

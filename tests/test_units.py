@@ -12,6 +12,7 @@ from connectors.replay import Pacer
 from connectors.schema import InvalidEvent, validate
 from connectors.simulator import simulate
 from freshrec.config import ConfigError, Settings
+from serving.status import StatusFeed
 from streaming.state import (
     CategoryTrending,
     Ev,
@@ -169,3 +170,15 @@ def test_trending_candidates_match_a_full_ranking() -> None:
             live = {i: v for i, v in truth.items() if v[1] > ts - 500}
             want = sorted(live.items(), key=lambda kv: (-kv[1][0], kv[0]))[:10]
             assert t.top(10, window_ms=500) == [(i, v[0]) for i, v in want]
+
+
+def test_status_feed_says_why_it_could_not_collect() -> None:
+    """A failing collection is reported to the page, not swallowed (it would show "collecting" forever)."""
+    def no_api() -> dict[str, object]:
+        raise RuntimeError("the API's model is not there")
+
+    feed = StatusFeed(Settings(kafka_bootstrap="127.0.0.1:1", redis_url="redis://127.0.0.1:1/0"), api=no_api)
+    try:
+        assert feed.latest(wait_s=15)["error"].endswith("RuntimeError: the API's model is not there")
+    finally:
+        feed.stop()

@@ -109,7 +109,7 @@ function renderStatus(status) {
     }
   }
 
-  const problems = [];
+  const problems = status.error ? [status.error] : [];
   for (const c of status.components || []) {
     if (c.state === "DOWN") problems.push(`${c.component} is down`);
   }
