@@ -50,20 +50,26 @@ def alive(pid: int, group: bool = False) -> bool:
     return False
 
 
+def port_bindable(host: str, port: int) -> bool:
+    """Whether a server could listen on ``port`` now (binding as the JVM's and uvicorn's
+    servers do, with SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def wait_port_bindable(port: int, timeout: float, what: str) -> None:
     """Wait until a server could listen on ``port`` (the JVM of a process that was just
     replaced may still hold it)."""
     deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM's servers bind
-            try:
-                s.bind(("127.0.0.1", port))
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise ServiceError(f"port {port} is still in use after {timeout:.0f}s; set {what} to a free "
-                                       "port or stop what holds it") from None
+    while not port_bindable("127.0.0.1", port):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"port {port} is still in use after {timeout:.0f}s; set {what} to a free "
+                               "port or stop what holds it")
         time.sleep(0.2)
 
 

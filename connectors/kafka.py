@@ -130,10 +130,10 @@ class EventProducer:
         self._futures: list[Any] = []
 
     def send(self, raw: dict[str, Any] | bytes | str, now_ms: int | None = None) -> BehaviorEvent | InvalidEvent:
+        payload = raw if isinstance(raw, bytes | str) else json.dumps(raw, default=str)
         try:
-            event = validate(raw, now_ms)
+            event = validate(raw, now_ms, size=len(payload) if isinstance(raw, dict) else None)
         except InvalidEvent as err:
-            payload = raw if isinstance(raw, bytes | str) else json.dumps(raw, default=str)
             self.send_dead_letter(payload, err)
             return err
         self.send_valid(event)

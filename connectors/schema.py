@@ -46,6 +46,11 @@ MAX_ID_LENGTH = 128
 MIN_TS_MS = 946_684_800_000
 # Clocks drift, but a day ahead of the receiving host is a bug upstream.
 MAX_FUTURE_MS = 24 * 3600 * 1000
+# An event needs ~150 bytes; the rest of this is room for an app's extra fields (not kept).
+MAX_EVENT_BYTES = 16 * 1024
+# A refused payload is kept whole up to this size, then cut (the record says so): a DLQ record
+# must stay far below the broker's message limit (1 MB by default), or refusing it fails too.
+MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 
 
 class InvalidEvent(ValueError):
@@ -152,10 +157,13 @@ def event_id_for(user_id: str, item_id: str, behavior: str, ts: int) -> str:
     return hashlib.blake2b(f"{user_id}|{item_id}|{behavior}|{ts}".encode(), digest_size=10).hexdigest()
 
 
-def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None, min_ts_ms: int = MIN_TS_MS) -> BehaviorEvent:
+def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None, min_ts_ms: int = MIN_TS_MS,
+             size: int | None = None) -> BehaviorEvent:
     """Parse and normalize one event, or raise :class:`InvalidEvent`. ``min_ts_ms=0`` admits
-    old history (MovieLens is from 1997) where a live stream would refuse it."""
+    old history (MovieLens is from 1997) where a live stream would refuse it. ``size``: the
+    encoded size of a parsed event (that of bytes or text is measured here)."""
     if isinstance(raw, bytes | str):
+        size = len(raw)
         try:
             raw = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -170,6 +178,9 @@ def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None, min_t
     category_id = _id(raw, "category_id", required=False)
     event_id = _id(raw, "event_id", required=False)
     assert user_id is not None and item_id is not None
+    if size is not None and size > MAX_EVENT_BYTES:  # after the fields: a huge id is named as such
+        raise InvalidEvent("payload", f"the event is {size:,} bytes; the limit is {MAX_EVENT_BYTES:,} (it needs only "
+                                      "its ids, behavior and ts; leave large extra fields out)")
     return BehaviorEvent(
         event_id=event_id or event_id_for(user_id, item_id, behavior, ts),
         user_id=user_id,
@@ -181,7 +192,14 @@ def validate(raw: dict[str, Any] | bytes | str, now_ms: int | None = None, min_t
 
 
 def dead_letter(payload: bytes | str, error: InvalidEvent | str, source: str) -> bytes:
-    """The DLQ record: the original payload, kept whole, plus why it was refused."""
+    """The DLQ record: the original payload plus why it was refused. A payload over
+    MAX_DEAD_LETTER_PAYLOAD keeps its start, and the record says how long it was.
+
+    >>> import json
+    >>> r = json.loads(dead_letter(b"x" * 100_000, InvalidEvent("payload", "too big"), "api"))
+    >>> len(r["payload"]), r["payload_bytes"], r["truncated"]
+    (65536, 100000, True)
+    """
     if isinstance(payload, bytes):
         try:
             text = payload.decode()
@@ -190,5 +208,9 @@ def dead_letter(payload: bytes | str, error: InvalidEvent | str, source: str) ->
     else:
         text = payload
     field, reason = (error.field, error.reason) if isinstance(error, InvalidEvent) else ("", str(error))
-    record = {"field": field, "reason": reason, "source": source, "payload": text, "at": int(time.time() * 1000)}
+    record: dict[str, Any] = {"field": field, "reason": reason, "source": source, "payload": text,
+                              "at": int(time.time() * 1000)}
+    if len(text) > MAX_DEAD_LETTER_PAYLOAD:
+        record.update(payload=text[:MAX_DEAD_LETTER_PAYLOAD], truncated=True,
+                      payload_bytes=len(payload) if isinstance(payload, bytes) else len(text.encode()))
     return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()

@@ -132,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # Ctrl-C stops the stack even when `up` was started by a script that ignores SIGINT (a
     # background job of a shell inherits SIG_IGN).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stack = Stack.start(settings, log=lambda m: print(m, flush=True))
+    stack = Stack.start(settings, log=lambda m: print(m, flush=True), fresh=args.fresh)
     gave_up: list[ServiceError] = []
     done = threading.Event()
 
@@ -172,21 +172,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _feed(s: Settings, args: argparse.Namespace) -> None:
     """Replay a log, or simulated behavior, into the stack."""
-    from connectors.kafka import BrokerError, EventProducer
-    from connectors.replay import replay
-    from connectors.simulator import simulate
+    from connectors.kafka import BrokerError
+    from freshrec.demo import feed, try_it
+
+    def say(m: str) -> None:
+        print(m, flush=True)
 
     try:
         if args.log:
             _replay_log(s, Path(args.log), "auto", speed=args.speed)
             return
-        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic, source="replay") as producer:
-            print(f"replaying {args.events} simulated events at {args.rate}/s", flush=True)
-            stats = replay(simulate(args.events, start_ms=int(time.time() * 1000), events_per_second=args.rate),
-                           producer, rate=args.rate, total=args.events)
-        print(f"replayed: {stats.accepted} accepted, {stats.rejected} to the DLQ", flush=True)
+        say(f"sending {args.events:,} simulated events, stamped with the clock, at up to {args.rate:g}/s: "
+            "slower while the Flink jobs fall behind")
+        try_it(f"http://{s.api_host}:{s.api_port}", log=say)
+        sent = feed(s, args.events, args.rate, log=say)
+        say(f"demo: all {sent:,} simulated events sent")
     except BrokerError as exc:  # the stack itself keeps running (and restarts the broker)
-        print(f"the replay stopped: {exc}", flush=True)
+        say(f"the demo traffic stopped: {exc}")
 
 
 def _replay_log(s: Settings, path: Path, fmt: str, speed: float | None = None, rate: float | None = None,
@@ -404,8 +406,11 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="feed simulated behavior once the stack is up")
     up.add_argument("--log", help="feed this log file (Taobao CSV, CSV or JSONL) instead of simulated behavior")
     up.add_argument("--speed", type=float, default=60.0, help="replay speed for --log, x real time")
-    up.add_argument("--rate", type=float, default=500.0, help="events/s for simulated behavior")
+    up.add_argument("--rate", type=float, default=200.0,
+                    help="most events/s of simulated behavior (it slows down while the jobs fall behind)")
     up.add_argument("--events", type=int, default=200_000, help="how many simulated events")
+    up.add_argument("--fresh", action="store_true",
+                    help="start empty: remove the features, model versions and checkpoints an earlier `up` kept")
     up.set_defaults(func=cmd_up)
     rp = sub.add_parser("replay", help="stream a behavior log into the running stack, in event-time order")
     rp.add_argument("file")

@@ -89,6 +89,8 @@ class Settings:
         "the API applies new parameters when the trainer announces them, and checks this often besides"))
     api_host: str = field(default="127.0.0.1", metadata=_doc("recommendation API bind address"))
     api_port: int = field(default=8000, metadata=_doc("recommendation API port"))
+    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata=_doc(
+        "largest request body the API reads (413 above it); one event may be at most 16 KiB (422 above it)"))
     api_workers: int = field(default=1, metadata=_doc("uvicorn worker processes of the API"))
     redis_timeout_ms: int = field(default=50, metadata=_doc("the API answers degraded when Redis is slower"))
     item_cache_ms: int = field(default=250, metadata=_doc("the API reuses an item's feature row this long "

@@ -32,6 +32,7 @@ from serving.status import events_file, stack_doc, stack_file
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTARTS, RESTART_WINDOW_S = 5, 600
+STATE = ("redis", "checkpoints")  # what a stack keeps for the next one in its state dir
 # The stack's processes, in start order, and their modules (the API runs under uvicorn).
 PROCESSES = {"feature_job": "jobs.feature_job", "catalogue_job": "jobs.catalogue_job",
              "offline_store": "connectors.offline_store", "trainer": "online_learning.trainer", "api": "serving.app"}
@@ -43,6 +44,14 @@ def record(state_dir: Path, component: str, what: str) -> dict[str, Any]:
     with events_file(state_dir).open("a") as f:
         f.write(json.dumps(event) + "\n")
     return event
+
+
+def forget(state_dir: Path) -> list[Path]:
+    """Remove what a stack keeps for the next one (``up --fresh``); returns what was there."""
+    kept = [state_dir / d for d in STATE if (state_dir / d).exists()]
+    for path in kept:
+        shutil.rmtree(path)
+    return kept
 
 
 def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
@@ -90,6 +99,11 @@ def start_api(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
     return spawn("api", args, settings, log_dir)
 
 
+def start_standby(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
+    """A warm spare of the API (serving/standby.py), logging to the API's log."""
+    return spawn("api", [sys.executable, "-m", "serving.standby"], settings, log_dir)
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,6 +127,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     restarts: dict[str, list[float]] = field(default_factory=dict)  # part -> when it was restarted
     flink_ui: dict[str, str] = field(default_factory=dict)  # Flink job -> its mini-cluster's web UI
+    standby: subprocess.Popen[bytes] | None = None  # the API's warm spare
 
     @property
     def log_dir(self) -> Path:
@@ -123,16 +138,22 @@ class Stack:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
     @classmethod
-    def start(cls, settings: Settings, log: Any = print) -> Stack:
+    def start(cls, settings: Settings, log: Any = print, fresh: bool = False) -> Stack:
+        """Resumes what an earlier stack in ``settings.state_dir`` kept (Redis: features and
+        model versions; the jobs' checkpoints), unless ``fresh``. The broker keeps its log in
+        memory, so the log itself always starts empty (a new log epoch)."""
         from features.store import apply
 
         stack = cls(settings)
         try:
+            if fresh:
+                gone = forget(settings.state_dir)
+                log(f"--fresh: removed {', '.join(map(str, gone))}" if gone else "--fresh: nothing kept to remove")
+            elif any((settings.state_dir / d).exists() for d in STATE):
+                log(f"resuming the features, models and checkpoints kept in {settings.state_dir} "
+                    "(`freshrec up --fresh` starts empty)")
+            events_file(settings.state_dir).unlink(missing_ok=True)  # what happened to *this* stack
             log("starting broker and Redis ...")
-            # A new stack starts empty: no Redis data, checkpoints or events of an earlier one.
-            for old in ("redis", "checkpoints"):
-                shutil.rmtree(settings.state_dir / old, ignore_errors=True)
-            events_file(settings.state_dir).unlink(missing_ok=True)
             broker = start_broker(stack.log_dir)
             stack.services.append(broker)
             redis = start_redis(settings.state_dir / "redis", persistent=True)
@@ -150,6 +171,7 @@ class Stack:
                 if name not in JOB_IDS or name in flink_jobs:
                     stack.procs[name] = stack.start_process(name)
             wait_healthy(stack.api_url, stack.procs["api"])
+            stack.standby = start_standby(stack.settings, stack.log_dir)
             stack.save()
         except BaseException:
             stack.stop()
@@ -159,6 +181,7 @@ class Stack:
     def save(self) -> None:
         doc = {"settings": self.settings.to_env(), "api": self.api_url, "flink_ui": self.flink_ui,
                "pids": {name: p.pid for name, p in self.procs.items()}
+               | ({"api_standby": self.standby.pid} if self.standby else {})
                | {s.name: s.proc.pid for s in self.services},
                "services": [s.name for s in self.services], "owner": os.getpid(), "started": time.time()}
         stack_file(self.settings.state_dir).write_text(json.dumps(doc, indent=2))
@@ -194,9 +217,20 @@ class Stack:
             if proc.poll() is None:
                 continue
             code = self._allow_restart(name, proc.returncode)
-            self.procs[name] = self.start_process(name)
-            events.append(record(self.settings.state_dir, name, f"exited ({code}); restarted"
-                                 + (" from its last checkpoint" if name in JOB_IDS else "")))
+            if name == "api" and self.standby is not None and self.standby.poll() is None:
+                self.procs[name], self.standby = self.standby, None  # it listens once the port is free
+                what = f"exited ({code}); its warm spare took over port {self.settings.api_port}"
+            else:
+                self.procs[name] = self.start_process(name)
+                what = f"exited ({code}); restarted" + (" from its last checkpoint" if name in JOB_IDS else "")
+            events.append(record(self.settings.state_dir, name, what))
+        if "api" in self.procs and (self.standby is None or self.standby.poll() is not None):
+            # Quietly (it serves nobody yet), and not forever: an API that cannot start shows itself.
+            recent = [t for t in self.restarts.get("api_standby", []) if time.monotonic() - t < RESTART_WINDOW_S]
+            if len(recent) < RESTARTS:
+                self.restarts["api_standby"] = [*recent, time.monotonic()]
+                self.standby = start_standby(self.settings, self.log_dir)
+                self.save()
         for event in events:
             log(f"{event['component']}: {event['what']}")
         if events:
@@ -213,8 +247,9 @@ class Stack:
         return code
 
     def stop(self) -> None:
-        stop_groups([proc.pid for proc in self.procs.values()])
-        for proc in self.procs.values():
+        procs = [*self.procs.values(), *([self.standby] if self.standby else [])]
+        stop_groups([proc.pid for proc in procs])
+        for proc in procs:
             proc.wait()
         for service in reversed(self.services):
             service.stop()

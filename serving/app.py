@@ -14,7 +14,9 @@ OpenAPI docs are at ``/docs``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +32,7 @@ from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from connectors.embedded import port_bindable
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import BrokerError, EventProducer
 from connectors.schema import InvalidEvent
@@ -39,12 +42,14 @@ from features.registry import DEFINED_TAG, all_views
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.threads import one_thread
+from serving.limits import BodyLimit
 from serving.metrics import Metrics, RequestTimer
 from serving.models import ServedModels, UnknownVersion, freeze_heap
 from serving.request_path import Answer, Context, RequestPath
 from serving.status import StatusFeed
 
 UI = Path(__file__).parent / "ui"
+log = logging.getLogger("freshrec.api")
 
 # Ids are the app's own; refuse only what cannot be one (empty, whitespace, control characters).
 ID = r"^[^\s\x00-\x1f\x7f]{1,128}$"
@@ -158,9 +163,11 @@ class FeatureValues(BaseModel):
     views: dict[str, dict[str, Any]]  # view -> {"values": {feature: value} or None, "event_ms": ...}
 
 
-def create_app(settings: Settings | None = None, own_process: bool = False) -> FastAPI:
+def create_app(settings: Settings | None = None, own_process: bool = False, standby: bool = False) -> FastAPI:
     """``own_process``: the app is all the process does (uvicorn's workers), so it may set
-    process-wide things: one BLAS/torch thread, and a frozen heap (serving/models.py)."""
+    process-wide things: one BLAS/torch thread, and a frozen heap (serving/models.py).
+    ``standby``: start, load the served model and follow it, but listen only once the API's
+    port is free (serving/standby.py)."""
     settings = settings or Settings.from_env()
     if own_process:
         one_thread()  # workers share few cores (online_learning/threads.py)
@@ -185,7 +192,17 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if own_process:
             freeze_heap()  # the imports; again once a model is in
+        # The first answer is scored by the current model (uvicorn listens once this returns).
+        try:
+            await asyncio.to_thread(models.refresh)
+        except (redis.RedisError, OSError, ValueError, UnknownVersion) as exc:
+            log.warning("no model yet (%s); following the store for one", exc)
         models.start()
+        if standby:
+            print(f"warm spare ready (model version {models.version}); waiting for port {settings.api_port}",
+                  flush=True)
+            while not port_bindable(settings.api_host, settings.api_port):
+                await asyncio.sleep(0.05)
         yield
         feed.stop()
         models.stop()
@@ -195,6 +212,7 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
 
     app = FastAPI(title="freshrec", version="0.2.0", lifespan=lifespan,
                   description="Real-time recommendations from a streaming feature pipeline.")
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.state.models = models
     app.state.path = path
     app.add_exception_handler(RequestValidationError, _clear_422)  # type: ignore[arg-type]
@@ -256,7 +274,8 @@ def create_app(settings: Settings | None = None, own_process: bool = False) -> F
         return answer(query)
 
     @app.post("/events", response_model=IngestResult,
-              responses={422: {"description": "some events were refused (they went to the DLQ)"},
+              responses={413: {"description": "the body is over FRESHREC_MAX_BODY_BYTES; nothing was read"},
+                         422: {"description": "some events were refused (they went to the DLQ)"},
                          503: {"description": "the event log is unreachable; nothing was acknowledged"}})
     def ingest(events: Annotated[list[dict[str, Any]], Body(max_length=10_000)]) -> Any:
         """Validate a batch; good events are produced (acks=all), bad ones go to the DLQ.

@@ -20,12 +20,12 @@ import contextlib
 import json
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.errors import KafkaError
@@ -92,8 +92,8 @@ class LogOffsets:
 
     def ends(self, topics: list[str]) -> dict[str, dict[int, int]]:
         """Each topic's partitions' log ends, all read in one pass."""
-        known = self.c.topics()
-        tps = [TopicPartition(t, p) for t in topics if t in known for p in sorted(self.c.partitions_for_topic(t))]
+        # From the metadata cache (read_epoch filled it); a missing topic asks the broker once more.
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(self.c.partitions_for_topic(t))]
         got = log_ends(self.c, tps, settle_ms=60) if tps else {}
         out: dict[str, dict[int, int]] = {t: {} for t in topics}
         for tp, n in got.items():
@@ -130,6 +130,12 @@ class LogOffsets:
     def close(self) -> None:
         self.admin.close()
         self.c.close()
+
+
+def _get_json(url: str) -> Any:
+    """A local GET (urllib: httpx builds an SSL context per call, ~0.15 s of a status)."""
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return json.load(r)
 
 
 def _behind(ends: dict[int, int], done: dict[int, int]) -> int:
@@ -249,11 +255,11 @@ def collect(settings: Settings, doc: dict[str, Any] | None, offsets: LogOffsets 
 
     url = doc["api"] if doc else f"http://{s.api_host}:{s.api_port}"
     try:
-        model = api if api is not None else httpx.get(url + "/model", timeout=2).json()
+        model = api if api is not None else _get_json(url + "/model")
         api_part.figures |= {"served_version": model["version"], "parameter_lag_ms": model["lag_ms"]}
         api_part.details.append(f"{url}, serving model version {model['version']}"
                                 + (f" (published {model['lag_ms']} ms ago)" if model["lag_ms"] is not None else ""))
-    except (httpx.HTTPError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         api_part.details.append(f"not answering at {url}: {exc}")
     return [broker, redis_part, *(job for job, _ in jobs), offline, trainer, api_part, dlq]
 

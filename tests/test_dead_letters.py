@@ -6,6 +6,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -111,9 +112,27 @@ def test_producer_and_api_refuse_bad_events(make_settings) -> None:  # noqa: ANN
     assert bad.json()["accepted"] == 1
     assert api.post("/events", json={"not": "a list"}).status_code == 422
 
-    dead = read_dlq(s, 2)
-    assert [d["field"] for d in dead] == ["behavior", "ts"]
+    # Too big is a refusal that names the limit, never a 503 a client would retry.
+    huge = {**good(7, now_ms()), "context": "x" * 100_000}
+    over = api.post("/events", json=[good(8, now_ms()), huge])
+    assert over.status_code == 422 and over.json()["accepted"] == 1
+    assert over.json()["errors"][0]["field"] == "payload" and "16,384" in over.json()["errors"][0]["reason"]
+    body = api.post("/events", content=b"[" + b" " * s.max_body_bytes + b"]",
+                    headers={"content-type": "application/json"})
+    assert body.status_code == 413 and f"{s.max_body_bytes:,} bytes" in body.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b"["
+        for _ in range(s.max_body_bytes // 65_536 + 1):
+            yield b" " * 65_536
+        yield b"]"
+
+    assert api.post("/events", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+
+    dead = read_dlq(s, 3)
+    assert [d["field"] for d in dead] == ["behavior", "ts", "payload"]
     assert {d["source"] for d in dead} == {"producer", "api"}
+    assert dead[2]["truncated"] and dead[2]["payload_bytes"] > 100_000 and '"context"' in dead[2]["payload"]
 
 
 # -- a replay with 5% corrupted events, at volume ----------------------------------------------------

@@ -32,7 +32,7 @@ from connectors.schema import BehaviorEvent
 from features.definitions import FEATURE_VIEWS
 from features.store import repo_dir
 from freshrec.config import Settings
-from freshrec.stack import Stack
+from freshrec.stack import STATE, Stack, forget
 from jobs.topics import epoch_topic, examples_topic, feature_log_topic, offline_group, topic_plan
 from online_learning.publish import ParameterStore
 from serving.status import LogOffsets, collect, recent_events, render
@@ -154,6 +154,13 @@ def _jobs_running(ui: str) -> int | None:
     try:
         return httpx.get(ui + "/overview", timeout=5).json()["jobs-running"]
     except httpx.HTTPError:  # its JVM is still starting
+        return None
+
+
+def _model(stack: Stack) -> dict | None:
+    try:
+        return httpx.get(stack.api_url + "/model", timeout=2).json()
+    except httpx.HTTPError:
         return None
 
 
@@ -280,7 +287,19 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
     finally:
         examples.close()
 
-    # 5. `freshrec status` tells the story.
+    # 5. The API is SIGKILLed: its warm spare takes the port, on the current model from its first answer.
+    wait_until(lambda: _log_says(stack, "api", "warm spare ready"), 60, "the API's warm spare")
+    served = params.head()
+    t0 = time.monotonic()
+    os.killpg(stack.procs["api"].pid, signal.SIGKILL)
+    stack.procs["api"].wait(10)
+    assert [e["component"] for e in stack.supervise(log=lambda m: None)] == ["api"]
+    first = wait_until(lambda: _model(stack), 30, "the spare to answer")
+    took["API killed -> answers again"] = time.monotonic() - t0
+    assert first["version"] >= served, "its first answer comes from the current model"
+    assert stack.standby is not None, "and a new spare waits"
+
+    # 6. `freshrec status` tells the story.
     doc = json.loads((s.state_dir / "stack.json").read_text())
     parts = {p.component: p for p in collect(s, doc)}
     assert all(parts[n].state == "up" for n in ("broker", "redis", "feature_job", "catalogue_job", "offline_store",
@@ -298,7 +317,8 @@ def test_stack_carries_on_through_broker_and_redis_restarts(stack: Stack) -> Non
         # A job that restarted itself on the new log is back once its JVM has started (slow on a busy CI machine).
         wait_until(lambda ui=ui: _jobs_running(ui) == 1, 90, f"{job}'s web UI to show one running job")
     what = [(e["component"], e["what"]) for e in recent_events(s.state_dir)]
-    assert [c for c, _ in what] == ["broker", "broker", "redis", "trainer"]
+    assert [c for c, _ in what] == ["broker", "broker", "redis", "trainer", "api"]
+    assert "warm spare" in what[4][1]
     assert "log is gone" in what[1][1] and "append-only" in what[2][1]
     text = render(list(parts.values()), recent_events(s.state_dir))
     assert "log epoch" in text and "restarted on port" in text
@@ -318,3 +338,54 @@ def test_supervisor_gives_up_on_a_part_that_keeps_dying(stack: Stack) -> None:
     stack.procs["offline_store"].wait(10)
     with pytest.raises(ServiceError, match="offline_store exited .* not restarting it again"):
         stack.supervise(log=lambda m: None)
+
+
+def test_a_new_stack_resumes_what_the_last_one_kept(stack: Stack) -> None:
+    """`freshrec up` after `down` resumes: the jobs' state from their checkpoints (counts go on
+    from where they were), features and model versions from Redis. (Runs last: it replaces the
+    module's stack.)"""
+    s = stack.settings
+    first = generated("fr-", 200, seed=31, n_users=5)
+    with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
+        for e in first:
+            p.send_valid(e)
+    spec = Spec.of(s)
+    client = redis.Redis.from_url(s.redis_url)
+    reader = FeastRedisReader(client, s.feast_project, FEATURE_VIEWS)
+    want = _expected(first, spec)
+    wait_until(lambda: _features(reader, want) == want, 120, "the first stack's features")
+    checkpoints = s.state_dir / "checkpoints"
+    wait_until(lambda: len(list(checkpoints.glob("*/*/chk-*/_metadata"))) >= 2, 60, "both jobs' checkpoints")
+    time.sleep(2 * s.checkpoint_interval_ms / 1000)  # one more, taken after the events were counted
+    head = ParameterStore(client, s.feast_project).head()
+    client.close()
+    stack.stop()
+
+    again = Stack.start(stack.settings, log=lambda m: None)
+    try:
+        a = again.settings
+        client = redis.Redis.from_url(a.redis_url)
+        reader = FeastRedisReader(client, a.feast_project, FEATURE_VIEWS)
+        assert _features(reader, want) == want, "Redis kept the features"
+        kept = ParameterStore(client, a.feast_project).head()  # the old trainer may publish once more as it stops
+        assert kept is not None and head is not None and kept >= head, "and the model versions"
+        wait_until(lambda: _log_says(again, "trainer", f"resumed at version {kept} "), 60, "the trainer to resume")
+        second = generated("fr-", 100, seed=32, n_users=5)
+        with EventProducer(a.kafka_bootstrap, a.events_topic, a.dlq_topic) as p:
+            for e in second:
+                p.send_valid(e)
+        # Counted on top of the first stack's state: a job that started empty would count `second` alone.
+        both = _expected(sorted(first + second, key=lambda e: e.ts), spec)
+        assert both != _expected(second, spec)
+        wait_until(lambda: _features(reader, both) == both, 120, "the second stack to count on top of the first")
+        client.close()
+    finally:
+        again.stop()
+
+
+def test_fresh_removes_what_a_stack_keeps(tmp_path: Path) -> None:
+    for name in STATE:
+        (tmp_path / name / "x").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    assert forget(tmp_path) == [tmp_path / name for name in STATE]
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"] and forget(tmp_path) == []
