@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test lint bench clean down
+.PHONY: install browser demo test lint bench bench-demo clean down
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -41,6 +41,9 @@ test: install browser
 
 bench: install
 	$(BIN)/python bench/freshness.py
+
+bench-demo: install  # 5 minutes of `up --demo`'s traffic, then the demo's targets (exits 1 on a miss)
+	$(BIN)/python bench/demo.py
 
 clean:
 	rm -rf $(VENV) .freshrec .pytest_cache .ruff_cache

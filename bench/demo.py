@@ -8,6 +8,8 @@
    offsets and checkpoints (their Flink web UIs);
 3. `freshrec status`, timed as a user runs it;
 4. the API is SIGKILLed: the time until it answers again, and with which model version.
+Exits 1 when a target of the demo (issue 23) is missed: POST -> changed list p99 < 1 s, feature
+lag < 5 s, no degraded answer, the API back within 5 s on the current model, status < 1 s.
 
     python bench/demo.py [--seconds 300] [--users 20] [--rate 200]
 """
@@ -88,9 +90,21 @@ def main() -> None:
         finally:
             done.set()
             stack.stop()
+    result["targets"] = targets = {
+        "every list changed, POST -> changed p99 < 1 s": result["changed"] == args.users
+        and (result["post_to_changed_p99_s"] or 99) < 1,
+        "feature lag < 5 s": (result["feature_lag_s"] or 99) < 5,
+        "0 degraded answers": result["degraded_answers"] == 0,
+        "API answers within 5 s of SIGKILL, on the current model": result["api_killed"]["seconds_to_answer"] < 5
+        and result["api_killed"]["first_answer_version"] == result["api_killed"]["current_version"],
+        "status within 1 s": min(result["status_s"]) < 1,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    for what, ok in targets.items():
+        print(f"{'ok  ' if ok else 'MISS'} {what}")
+    sys.exit(0 if all(targets.values()) else 1)
 
 
 if __name__ == "__main__":

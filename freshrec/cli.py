@@ -1,6 +1,6 @@
 """freshrec: real-time recommendations from a streaming feature pipeline.
 
-  freshrec up [--demo | --log FILE]   start broker, Redis, the Flink jobs, the trainer and the API
+  freshrec up [--demo | --log FILE] [--fresh]   start broker, Redis, the Flink jobs, the trainer and the API
   freshrec replay FILE                stream a behavior log into the running stack
   freshrec status [--json]            each part up or down, how far behind, what happened
   freshrec down                       stop a stack started in another terminal

@@ -6,8 +6,8 @@ what the stack keeps up with: a fixed rate that one machine holds swamps a small
 jobs fall minutes behind, checkpoints take minutes, and a user's click waits its turn).
 
 >>> t = Throttle(ceiling=100, rate=20)
->>> [round(t.update(behind_s=s, interval_s=5)) for s in (1, 1, 40, None, 12)]
-[25, 31, 16, 16, 16]
+>>> [round(t.update(behind_s=s, interval_s=5)) for s in (1, 1, 40, None, 30, 35, 12)]
+[23, 26, 13, 13, 13, 7, 7]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +41,49 @@ class Throttle:
     ceiling: float
     rate: float = 20.0
     floor: float = 2.0
+    last: float | None = None  # the lag at the previous update
 
     def update(self, behind_s: float | None, interval_s: float) -> float:
         if behind_s is None:  # unknown (a job starting, the broker restarting): hold
             return self.rate
+        draining = self.last is not None and behind_s < self.last
+        self.last = behind_s
         if behind_s > 3 * interval_s + 5:
-            self.rate = max(self.floor, self.rate / 2)
+            if not draining:  # a backlog that shrinks already: halving again would overshoot
+                self.rate = max(self.floor, self.rate / 2)
         elif behind_s < 1.5 * interval_s + 1:
-            self.rate = min(self.ceiling, self.rate * 1.2 + 1)
+            self.rate = min(self.ceiling, self.rate * 1.1 + 1)
         return self.rate
+
+
+class SendTimes:
+    """When the n-th event was sent, from samples: how old the oldest event a job still has to
+    count is. (Lag in events over the current rate would double when the rate halves.)
+
+    >>> t = SendTimes()
+    >>> for when, sent in ((0, 0), (5, 100), (10, 150)):
+    ...     t.mark(when, sent)
+    >>> t.age(now=12, n=120), t.age(now=12, n=150), t.age(now=12, n=-5)
+    (5.0, 2.0, 12)
+    """
+
+    def __init__(self, keep: int = 240) -> None:
+        self.samples: deque[tuple[float, int]] = deque(maxlen=keep)
+
+    def mark(self, when: float, sent: int) -> None:
+        self.samples.append((when, sent))
+
+    def age(self, now: float, n: int) -> float:
+        """Seconds since event ``n`` was sent (interpolated between samples; the oldest sample's
+        age for an event before it)."""
+        before: tuple[float, int] | None = None
+        for when, sent in self.samples:
+            if sent >= n:
+                if before is None or sent == before[1]:
+                    return now - when
+                return now - (before[0] + (when - before[0]) * (n - before[1]) / (sent - before[1]))
+            before = (when, sent)
+        return now - self.samples[-1][0] if self.samples else 0.0
 
 
 class JobLag:
@@ -84,7 +119,7 @@ def feed(settings: Settings, n_events: int, ceiling: float, seed: int = 0,
     """Send ``n_events`` simulated events (or until ``stop`` is set), at most ``ceiling`` per
     second, slower while the jobs fall behind; returns how many were sent."""
     throttle = throttle or Throttle(ceiling, rate=min(ceiling, Throttle.rate))
-    lag = JobLag(settings)
+    lag, sends = JobLag(settings), SendTimes()
     interval_s = settings.checkpoint_interval_ms / 1000
     sent = 0
     try:
@@ -97,8 +132,9 @@ def feed(settings: Settings, n_events: int, ceiling: float, seed: int = 0,
                     break
                 now = time.monotonic()
                 if now >= next_check:
+                    sends.mark(now, sent)
                     behind = lag.behind()
-                    throttle.update(None if behind is None else behind / throttle.rate, interval_s)
+                    throttle.update(None if behind is None else sends.age(now, sent - behind), interval_s)
                     next_check = now + CHECK_EVERY_S
                 if now >= next_report:
                     log(f"demo: {sent:,} events sent; now {throttle.rate:.0f}/s (the most the jobs keep up with, "

@@ -1,6 +1,6 @@
 """Ranking service latency under load, and freshrec's feature read against Feast's.
 
-    python bench/serving.py [--workers N] [--seconds 15]  ->  bench/results/serving.json
+    python bench/api_latency.py [--workers N] [--seconds 15]  ->  bench/results/serving.json
 
 Set-up (not timed): an embedded Redis holds the feature rows the streaming job would have
 written after a simulated log (users, items, co-visitation, trending; written in Feast's
