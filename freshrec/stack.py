@@ -56,8 +56,10 @@ def forget(state_dir: Path) -> list[Path]:
 
 def spawn(name: str, args: list[str], settings: Settings, log_dir: Path) -> subprocess.Popen[bytes]:
     log_dir.mkdir(parents=True, exist_ok=True)
-    # FLINK_LOG_DIR: Flink's own log beside ours, not inside the installed pyflink package.
-    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "FLINK_LOG_DIR": str(log_dir.resolve())}
+    # FLINK_LOG_DIR: Flink's own log beside ours, not inside the installed pyflink package;
+    # FLINK_IDENT_STRING names it after the part (two JVMs wrote over one file).
+    env = {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1", "FLINK_LOG_DIR": str(log_dir.resolve()),
+           "FLINK_IDENT_STRING": name}
     with (log_dir / f"{name}.log").open("ab") as log:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=PROJECT_ROOT, start_new_session=True)

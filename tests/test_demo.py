@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from connectors.embedded import free_port
 from freshrec.config import Settings
-from freshrec.demo import run, try_it
+from freshrec.demo import checkpoints, run, try_it
 from freshrec.stack import Stack
+from tests.conftest import wait_until
 
 WORKLOAD_S = 60
 
@@ -28,7 +30,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s.stop()
 
 
+def _checkpointed(web_ui: str) -> bool:
+    try:
+        return bool(checkpoints(web_ui)["completed"])
+    except httpx.HTTPError:  # its JVM is still starting
+        return False
+
+
 def test_demo_traffic_leaves_room_for_an_apps_events(stack: Stack) -> None:
+    # Checkpoints are judged under load, not while a job starts: the catalogue job's Python workers
+    # (niced) took over 40 s to start on a busy CI machine, and a job checkpoints only once all run.
+    for job, url in stack.flink_ui.items():
+        wait_until(lambda url=url: _checkpointed(url), 180, f"{job}'s first checkpoint")
     said: list[str] = []
     result = run(stack.settings, stack.api_url, stack.flink_ui, WORKLOAD_S, users=20, log=said.append)
     print(result)

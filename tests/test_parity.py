@@ -151,15 +151,24 @@ def test_analyst_feature_reaches_the_online_store(parity: dict[str, Any]) -> Non
     assert view.owner == "analyst@test" and view.tags["team"] == "test"
     assert store.get_feature_view("t_user_views").tags["window"] == "sliding 1m every 10s"
     user = next(e["user_id"] for e in parity["events"] if e["user_id"].startswith("pu"))
-    online = store.get_online_features(features=["t_user_views:t_user_views", "t_user_last:t_user_last",
-                                                 "t_uc_newest:t_uc_newest"],
-                                       entity_rows=[{"user_id": user, "category_id": "0"}]).to_dict()
-    assert online["t_user_views"][0] is not None and online["t_user_last"][0]
+
+    # The fixture waited for the feature log; the Redis sink flushes on its own clock, so wait for it too.
+    def user_row() -> dict[str, list[Any]] | None:
+        got = store.get_online_features(features=["t_user_views:t_user_views", "t_user_last:t_user_last",
+                                                  "t_uc_newest:t_uc_newest"],
+                                        entity_rows=[{"user_id": user, "category_id": "0"}]).to_dict()
+        return got if got["t_user_views"][0] is not None and got["t_user_last"][0] else None
+
+    wait_until(user_row, 60, f"{user}'s catalogue values in the online store")
     # Every item's rows from two operators (its events, its co-visit pairs) reach the online store.
     items = sorted({e["item_id"] for e in parity["events"] if e["item_id"].startswith("pi")})
-    both = store.get_online_features(features=["t_item_first:t_item_first", "t_covisit:t_covisit"],
-                                     entity_rows=[{"item_id": i} for i in items]).to_dict()
-    assert all(v is not None for v in both["t_item_first"])
+
+    def item_rows() -> dict[str, list[Any]] | None:
+        got = store.get_online_features(features=["t_item_first:t_item_first", "t_covisit:t_covisit"],
+                                        entity_rows=[{"item_id": i} for i in items]).to_dict()
+        return got if all(v is not None for v in got["t_item_first"]) else None
+
+    both = wait_until(item_rows, 60, "every item's values in the online store")
     assert sum(bool(v) for v in both["t_covisit"]) > len(items) // 2
 
 
