@@ -44,7 +44,7 @@ from connectors.schema import BehaviorEvent, InvalidEvent
 from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
-from serving.candidates import interleave, merge
+from serving.candidates import POLICY, Policy, interleave
 from serving.ranking import rank
 from streaming.state import Ev, Neighbours, RecentViews, Spec
 
@@ -195,10 +195,11 @@ class Evaluation:
     the freeze point. ``all`` does both in one process."""
 
     def __init__(self, spec: Spec | None = None, freeze_at: float = 0.2, slices: int = 20, seed: int = 0,
-                 part: str = "all") -> None:
+                 part: str = "all", policy: Policy = POLICY) -> None:
         if part not in ("all", "live", "frozen"):
             raise ValueError(f"part must be all, live or frozen, not {part!r}")
         self.part = part
+        self.policy = policy  # the API's candidate policy: what is measured is what is served
         self.spec = spec or Spec()
         self.freeze_at, self.n_slices = freeze_at, slices
         self.batch = BatchExamples(ExampleBuilder(seed=seed), self.spec)
@@ -213,9 +214,10 @@ class Evaluation:
 
     # -- the methods' top lists ----------------------------------------------------------------
     def _knn(self, recent: list[str]) -> list[str]:
-        rows = [self.neighbours[i].features(self.spec) if i in self.neighbours else {} for i in recent[:5]]
+        anchors = recent[:self.policy.anchors]
+        rows = [self.neighbours[i].features(self.spec) if i in self.neighbours else {} for i in anchors]
         ranked = rank([r.get("neighbours", []) for r in rows], [r.get("neighbour_counts", []) for r in rows], [],
-                      k=100, recent=recent[:5])
+                      k=100, recent=anchors)
         return [i for i, _, _ in ranked]
 
     def _ranked(self, rec: OnlineRecommender, user: dict[str, Any], user_id: str, knn: list[str], recent: list[str],
@@ -223,13 +225,14 @@ class Evaluation:
                 memo: dict[str, Any]) -> tuple[list[str], list[str]]:
         """The system's list and the embedding retrieval's list. ``memo`` holds what both protocols
         of one event share for this model: its retrieval and the scores it gave."""
+        depth = self.policy.retrieve
         if "retrieved" not in memo:  # once per event, deep enough for either protocol's exclusions
-            memo["retrieved"], memo["scores"] = rec.retrieve(user, 60 + len(self.seen[user_id]), user_id), {}
-        retrieved = [i for i in memo["retrieved"] if i not in exclude][:60]
+            memo["retrieved"], memo["scores"] = rec.retrieve(user, depth + len(self.seen[user_id]), user_id), {}
+        retrieved = [i for i in memo["retrieved"] if i not in exclude][:depth]
         in_categories = interleave([self.by_category.top(c) for c in user.get("top_categories") or ()])
-        cands = [i for i, _ in merge([("covisit", knn), ("embedding", retrieved), ("recent", recent),
-                                      ("category", in_categories), ("trending", self.popularity.top)],
-                                     exclude=exclude)]
+        cands = [i for i, _ in self.policy.candidates({"recent": recent, "covisit": knn, "category": in_categories,
+                                                       "embedding": retrieved, "trending": self.popularity.top},
+                                                      exclude)]
         known: dict[str, float] = memo["scores"]
         todo = [i for i in cands if i not in known]
         for i in todo:

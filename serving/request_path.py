@@ -32,17 +32,10 @@ import redis
 
 from connectors.feast_redis import FeastRedisReader
 from features.dsl import trending_key
-from serving.candidates import interleave, merge
+from serving.candidates import POLICY, Policy, interleave
 from serving.models import Choice, ServedModels
 from serving.ranking import rank
 
-RECENT_ITEMS = 5
-RETRIEVE = 100
-MAX_CANDIDATES = 230
-# The user's own recent items first (few, strong in e-commerce), then neighbours of what they
-# viewed, then what trends in their top categories (38 % of the items new to a user are in
-# them, on the Taobao slice), then what the embedding retrieves, then trending; the total is capped.
-QUOTAS = {"recent": RECENT_ITEMS, "covisit": 100, "category": 30, "embedding": RETRIEVE, "trending": 40}
 SCORER = "transparent-v1"
 TRENDING_MAX_AGE_S = 1.0  # trending lists change slowly; one read a second, not one per request
 BREAKER_S = 1.0
@@ -140,8 +133,9 @@ class _Clock:
 
 class RequestPath:
     def __init__(self, client: redis.Redis, reader: FeastRedisReader, models: ServedModels,
-                 project: str, item_cache_ms: int = 250) -> None:
+                 project: str, item_cache_ms: int = 250, policy: Policy = POLICY) -> None:
         self.client, self.reader, self.models, self.project = client, reader, models, project
+        self.policy = policy  # which candidates, how many (serving/candidates.py; `evaluate` measures the same)
         self.item_cache_s = item_cache_ms / 1000
         self.item_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.trending: list[tuple[str, int]] = []  # the last list read: the fallback too
@@ -166,7 +160,7 @@ class RequestPath:
         (user,) = self.reader.read([("user_recent", user_id)])
         self._refresh_trending()
         clock.lap("user")
-        recent = list(user.get("last_viewed_items") or [])[:RECENT_ITEMS] if user else []
+        recent = list(user.get("last_viewed_items") or [])[:self.policy.anchors] if user else []
         anchors = list(dict.fromkeys(([context.current_item] if context.current_item else []) + recent))
         covisit = [r or {} for r in self.reader.read([("item_covisit", i) for i in anchors])]
         neighbours = [r.get("neighbours", []) for r in covisit]
@@ -191,11 +185,11 @@ class RequestPath:
         covisit_ranked = rank(neighbours, counts, [], 100, anchors)
         why = {i: src for i, _, src in covisit_ranked}  # "covisit:<the recent item it neighbours>"
         features = {key: v for key, v in (user or {}).items() if not key.startswith("_")} or None
-        retrieved = self.models.retrieve(choice, features, RETRIEVE, user_id, exclude)
+        retrieved = self.models.retrieve(choice, features, self.policy.retrieve, user_id, exclude)
         in_categories = self._in_categories(list((user or {}).get("top_categories") or []))
-        cands = merge([("recent", recent), ("covisit", [i for i, _, _ in covisit_ranked]),
-                       ("category", in_categories), ("embedding", retrieved),
-                       ("trending", [i for i, _ in self.trending])], QUOTAS, exclude)[:MAX_CANDIDATES]
+        cands = self.policy.candidates({"recent": recent, "covisit": [i for i, _, _ in covisit_ranked],
+                                        "category": in_categories, "embedding": retrieved,
+                                        "trending": [i for i, _ in self.trending]}, exclude)
         clock.lap("candidates")
         rows = self._item_rows([i for i, _ in cands])
         clock.lap("features")
@@ -257,8 +251,8 @@ class RequestPath:
             answer = Answer(items, SCORER, None, None, {}, False, True, reason,
                             sources=Counter({"trending": len(trending)}))
         else:
-            retrieved = self.models.retrieve(choice, None, RETRIEVE, user_id, exclude)
-            cands = merge([("embedding", retrieved), ("trending", trending)], QUOTAS, exclude)
+            retrieved = self.models.retrieve(choice, None, self.policy.retrieve, user_id, exclude)
+            cands = self.policy.candidates({"embedding": retrieved, "trending": trending}, exclude)
             answer = self._score(user_id, None, cands, [None] * len(cands), choice, want, k, {}, clock)
             answer.degraded, answer.degraded_reason = True, reason
         answer.stages_ms = answer.stages_ms or clock.laps

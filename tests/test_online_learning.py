@@ -6,11 +6,13 @@ import io
 import pickle
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from connectors.logfile import detect_format, read_rows
+from connectors.schema import validate
 from freshrec.evaluate import Evaluation, Scores, load_events
 from online_learning.admission import CountingFilter
 from online_learning.embeddings import TwoTower
@@ -255,3 +257,28 @@ def test_movielens_and_evaluation_on_a_generated_log(tmp_path: Path) -> None:
             pass
         merged.scores.merge(half.scores.plain())
     assert merged.scores.table() == table
+
+
+def test_the_evaluation_measures_the_apis_candidate_policy() -> None:
+    """`freshrec evaluate` describes what is served: the API and the evaluation take their
+    candidates from one policy (sources, order, quotas, cap), and the evaluation obeys it."""
+    from serving.candidates import POLICY, Policy
+    from serving.request_path import RequestPath
+
+    api = RequestPath(None, None, None, "p")  # type: ignore[arg-type]  # nothing is read at construction
+    assert Evaluation().policy is api.policy is POLICY
+    events = [validate({"user_id": str(n % 7), "item_id": str(n % 23), "behavior": "view", "ts": 1_600_000_000_000
+                        + n * 1000}) for n in range(400)]
+    seen: list[int] = []
+
+    class Counted(Policy):
+        def candidates(self, sources: Any, exclude: Any = ()) -> list[tuple[str, list[str]]]:
+            got = super().candidates(sources, exclude)
+            seen.append(len(got))
+            return got
+
+    ev = Evaluation(policy=Counted((("covisit", 2), ("trending", 1)), cap=2))
+    for _ in ev.run(events, progress=False):
+        pass
+    assert seen and max(seen) == 2, "every list the evaluation scored came from the policy, capped"
+    assert ev.scores.table()["next_item"]["online"]["events"] > 300

@@ -32,8 +32,8 @@ from freshrec.seed import seed_online_state
 from online_learning.publish import ParameterStore
 from online_learning.recommender import OnlineRecommender
 from serving.app import create_app
+from serving.candidates import POLICY
 from serving.models import ServedModels, in_share
-from serving.request_path import MAX_CANDIDATES
 from tests.conftest import wait_until
 
 KEY = "test-admin-key"
@@ -64,7 +64,7 @@ def test_request_path_stages_sources_and_versions(served: tuple[Settings, list[s
     assert body["model_version"] == head and body["model_role"] == "live" and not body["degraded"]
     assert body["known_user"] and len(body["items"]) == 10
     assert set(body["stages_ms"]) == {"user", "candidates", "features", "score", "rank"}
-    assert 10 < body["candidates"] <= MAX_CANDIDATES
+    assert 10 < body["candidates"] <= POLICY.cap
     assert body["features"]["user_recent"] and body["features"]["item_recent"]
     scores = [i["score"] for i in body["items"]]
     assert scores == sorted(scores, reverse=True)
@@ -89,7 +89,7 @@ def test_candidates_include_what_trends_in_the_users_top_categories(
     user, row = next((u, row) for u, row in rows.items() if row and row["top_categories"])
     assert sorted(path._in_categories(row["top_categories"])) == sorted(i for c in row["top_categories"]
                                                                        for i in listed(c))
-    found = {i for i, _, src in path.recommend(user, MAX_CANDIDATES).items if "category" in src}
+    found = {i for i, _, src in path.recommend(user, POLICY.cap).items if "category" in src}
     assert found and found <= {i for c in row["top_categories"] for i in listed(c)}
 
 
