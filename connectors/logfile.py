@@ -1,4 +1,5 @@
-"""Read behavior logs from files: the Taobao UserBehavior CSV, MovieLens ``u.data``, or CSV/JSONL with a header.
+"""Read behavior logs from files: the Taobao UserBehavior CSV, MovieLens (``u.data``, or the
+``ratings.csv`` of ml-latest), or CSV/JSONL with a header.
 
 Rows come out as raw dicts (plus the original line) for :func:`connectors.schema.validate`,
 so a broken row reaches the DLQ with its reason instead of stopping a replay.
@@ -7,6 +8,8 @@ so a broken row reaches the DLQ with its reason instead of stopping a replay.
 >>> rows = list(read_rows(io.StringIO("1,2,3,pv,1511658000\\n"), "taobao"))
 >>> rows[0][0]
 {'user_id': '1', 'item_id': '2', 'category_id': '3', 'behavior': 'pv', 'timestamp': '1511658000'}
+>>> [r for r, _ in read_rows(io.StringIO("userId,movieId,rating,timestamp\\n1,31,2.5,1260759144\\n"), "movielens")]
+[{'user_id': '1', 'item_id': '31', 'rating': '2.5', 'timestamp': '1260759144', 'behavior': 'view'}]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import IO, Any
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior", "timestamp")
 MOVIELENS_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+MOVIELENS_HEADER = "userid,movieid,rating,timestamp"  # ml-latest's ratings.csv
 FORMATS = ("auto", "taobao", "movielens", "csv", "jsonl")
 
 
@@ -36,7 +40,7 @@ def detect_format(path: Path) -> str:
     if first.startswith("{"):
         return "jsonl"
     tabbed = first.split("\t")
-    if len(tabbed) == 4 and all(c.strip().isdigit() for c in tabbed):
+    if (len(tabbed) == 4 and all(c.strip().isdigit() for c in tabbed)) or first.lower() == MOVIELENS_HEADER:
         return "movielens"
     header = [c.strip().lower() for c in first.split(",")]
     if "user_id" in header:
@@ -46,7 +50,7 @@ def detect_format(path: Path) -> str:
     raise LogFormatError(f"{path}: cannot tell the format from the first line {first[:80]!r}; give --format "
                          "taobao (user_id,item_id,category_id,behavior,timestamp without header), csv (with a "
                          "header naming user_id,item_id,behavior,ts or timestamp), movielens (user, item, rating, "
-                         "timestamp; tab-separated) or jsonl")
+                         "timestamp; tab-separated, or ml-latest's ratings.csv) or jsonl")
 
 
 def read_rows(f: IO[str], fmt: str) -> Iterator[tuple[dict[str, Any] | None, str]]:
@@ -63,10 +67,10 @@ def read_rows(f: IO[str], fmt: str) -> Iterator[tuple[dict[str, Any] | None, str
             yield (obj if isinstance(obj, dict) else None), line.rstrip("\n")
         return
     if fmt == "movielens":  # every rating is an interaction: the item was watched
-        for line in f:
-            fields = line.rstrip("\n").split("\t")
-            if not line.strip():
+        for n, line in enumerate(f):
+            if not line.strip() or (n == 0 and line.strip().lower() == MOVIELENS_HEADER):
                 continue
+            fields = line.rstrip("\r\n").split("\t" if "\t" in line else ",")
             if len(fields) != len(MOVIELENS_COLUMNS):
                 yield None, line.rstrip("\n")
                 continue

@@ -16,8 +16,13 @@ Methods: ``online`` (candidates from co-visitation, embedding retrieval, recent 
 trending, ranked by the FTRL ranker stacked on the two-tower model, all learning on every
 event), ``online_embedding`` (the two-tower model's retrieval alone), ``frozen`` and
 ``frozen_embedding`` (the same models, no longer learning after the first ``freeze_at`` of the
-log), ``popularity`` (most events in a sliding window), ``recent_items`` (the user's own last
-views, newest first) and ``item_knn`` (co-visitation neighbours of the user's recent views).
+log), ``daily`` (the online models retrained once a day: as of the start of the event's day),
+``popularity`` (most events in a sliding window), ``recent_items`` (the user's own last views,
+newest first) and ``item_knn`` (co-visitation neighbours of the user's recent views), both
+from the streaming features; and the strong simple baselines of freshrec/baselines.py, over
+the whole log: ``popularity_all_time``, ``last_distinct`` (the user's distinct items, most
+recent first) and ``covisit_knn`` (neighbours of the user's last 3 items by adjacency in users'
+sequences, popularity to fill).
 
 The features, examples and co-visitation counts come from the same code the streaming job
 runs (streaming/state.py, online_learning/examples.py).
@@ -41,6 +46,7 @@ from tqdm import tqdm
 
 from connectors.replay import sorted_events
 from connectors.schema import BehaviorEvent, InvalidEvent
+from freshrec.baselines import CoVisitation, LastDistinct, Popularity
 from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
@@ -49,7 +55,9 @@ from serving.ranking import rank
 from streaming.state import Ev, Neighbours, RecentViews, Spec
 
 PROTOCOLS = ("next_item", "next_new_item")
-METHODS = ("online", "online_embedding", "frozen", "frozen_embedding", "popularity", "recent_items", "item_knn")
+METHODS = ("online", "online_embedding", "frozen", "frozen_embedding", "daily", "popularity", "recent_items",
+           "item_knn", "popularity_all_time", "last_distinct", "covisit_knn")
+DAY_MS = 86_400_000
 METRICS = ("hr@10", "ndcg@10", "recall@20")
 DEPTH = 20
 
@@ -210,6 +218,11 @@ class Evaluation:
         self.by_category = CategoryPopularity(self.spec.window_ms)
         self.online = OnlineRecommender.default(seed=seed)
         self.frozen: OnlineRecommender | None = None
+        # The daily-retrained copy: the online models as of the start of the event's day (their
+        # day's changes applied as one delta, as a replica would), not learning within the day.
+        self.daily = OnlineRecommender.restore(self.online.snapshot())
+        self.day: int | None = None
+        self.covisit, self.last_distinct, self.all_time = CoVisitation(), LastDistinct(), Popularity()
         self.scores = Scores()
 
     # -- the methods' top lists ----------------------------------------------------------------
@@ -248,7 +261,7 @@ class Evaluation:
         knn = self._knn(recent)
         seen = self.seen[ev.user_id]
         cache: dict[str, dict[str, Any] | None] = {}
-        memos: dict[str, dict[str, Any]] = {"online": {}, "frozen": {}}
+        memos: dict[str, dict[str, Any]] = {"online": {}, "frozen": {}, "daily": {}}
         for protocol in PROTOCOLS:
             if protocol == "next_new_item":
                 if ev.item_id in seen:
@@ -261,6 +274,9 @@ class Evaluation:
                 lists["popularity"] = [i for i in self.popularity.top if i not in exclude][:DEPTH]
                 lists["recent_items"] = [i for i in recent if i not in exclude][:DEPTH]
                 lists["item_knn"] = [i for i in knn if i not in exclude][:DEPTH]
+                for method, baseline in (("popularity_all_time", self.all_time), ("last_distinct", self.last_distinct),
+                                         ("covisit_knn", self.covisit)):
+                    lists[method] = baseline.recommend(ev.user_id, exclude, DEPTH)
             if self.part != "frozen" or self.frozen is None:
                 lists["online"], lists["online_embedding"] = self._ranked(self.online, user, ev.user_id, knn,
                                                                           recent, exclude, cache, memos["online"])
@@ -270,6 +286,8 @@ class Evaluation:
                 else:
                     lists["frozen"], lists["frozen_embedding"] = self._ranked(
                         self.frozen, user, ev.user_id, knn, recent, exclude, cache, memos["frozen"])
+                lists["daily"], _ = self._ranked(self.daily, user, ev.user_id, knn, recent, exclude, cache,
+                                                 memos["daily"])
                 if self.part == "frozen":
                     lists.pop("online", None)
                     lists.pop("online_embedding", None)
@@ -282,8 +300,10 @@ class Evaluation:
         examples = self.batch.add(e, user)
         if examples is None:
             return  # a duplicate: the streaming job drops it at the user too
-        if self.part != "frozen" or self.frozen is None:
-            self.online.learn_many(examples)
+        self.online.learn_many(examples)  # the frozen part too: its daily copy follows the online models
+        if self.part != "frozen":
+            for baseline in (self.covisit, self.last_distinct, self.all_time):
+                baseline.learn_one(ev.user_id, ev.item_id)
         if ev.behavior == "view":
             for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
                 self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
@@ -299,6 +319,10 @@ class Evaluation:
                                     mininterval=0.5)):
             if n == freeze and self.frozen is None and self.part != "live":
                 self.frozen = OnlineRecommender.restore(self.online.snapshot())
+            if self.part != "live" and ev.ts // DAY_MS != self.day:
+                self.day = ev.ts // DAY_MS
+                for blob in self.online.state_delta().values():
+                    self.daily.apply_delta(blob)
             user = self.batch.user_features(ev.user_id)
             if user is not None:
                 self._test(ev, user, n // per_slice)

@@ -247,6 +247,11 @@ def test_movielens_and_evaluation_on_a_generated_log(tmp_path: Path) -> None:
     # repeats dominate this log: learning models must find them, far above popularity
     assert nxt["online"]["hr@10"] > nxt["popularity"]["hr@10"] + 0.2
     assert new["recent_items"]["hr@10"] == 0.0  # excluded by the protocol, by construction
+    assert new["last_distinct"]["hr@10"] == 0.0
+    # the strong baselines see the repeats too; the daily copy is scored on every event
+    assert nxt["last_distinct"]["hr@10"] > nxt["popularity_all_time"]["hr@10"] + 0.2
+    assert nxt["covisit_knn"]["hr@10"] > nxt["popularity_all_time"]["hr@10"]
+    assert nxt["daily"]["events"] == nxt["online"]["events"]
     report = ev.report(str(path), len(events), 1.0, dict(refused))
     assert len(report["over_time"]) == 5
     # split over two processes (live methods | frozen copies), the sums are the same

@@ -75,12 +75,14 @@ def test_log_formats() -> None:
 
 def test_detect_format(tmp_path) -> None:  # noqa: ANN001
     cases = {"a.csv": "1,2,3,pv,1511658000\n", "b.csv": "user_id,item_id,behavior,ts\n",
-             "c.jsonl": '{"user_id": 1}\n'}
+             "c.jsonl": '{"user_id": 1}\n', "ratings.csv": "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n",
+             "u.data": "196\t242\t3\t881250949\n"}
     got = {}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         got[name] = detect_format(tmp_path / name)
-    assert got == {"a.csv": "taobao", "b.csv": "csv", "c.jsonl": "jsonl"}
+    assert got == {"a.csv": "taobao", "b.csv": "csv", "c.jsonl": "jsonl", "ratings.csv": "movielens",
+                   "u.data": "movielens"}
     (tmp_path / "d.txt").write_text("what,is,this\n")
     with pytest.raises(LogFormatError, match="--format"):
         detect_format(tmp_path / "d.txt")
