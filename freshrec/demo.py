@@ -34,9 +34,10 @@ CHECK_EVERY_S = 5.0
 
 @dataclass
 class Throttle:
-    """Additive-increase, multiplicative-decrease on how far behind the Flink jobs are, in
-    seconds of traffic. Their consumer offsets move at each checkpoint, so a healthy job is
-    about one checkpoint interval behind; far more means checkpoints or records wait."""
+    """The demo's rate: grows slowly (10 % + 1/s per update) while the Flink jobs keep up,
+    halves when they fall behind. ``behind_s`` is the age of the oldest event a job has not
+    checkpointed: offsets move at each checkpoint, so a healthy job is about one checkpoint
+    interval behind; far more means checkpoints or records wait."""
 
     ceiling: float
     rate: float = 20.0
@@ -108,8 +109,7 @@ class JobLag:
 
     def close(self) -> None:
         if self.log is not None:
-            self.log.c.close()
-            self.log.admin.close()
+            self.log.close()
             self.log = None
 
 
