@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+
+
+def most_common(counts: Mapping[str, int], n: int) -> list[tuple[str, int]]:
+    """The ``n`` largest counts, ties by key (so a ranking is the same in every run).
+
+    >>> most_common({"b": 2, "a": 2, "c": 5}, 2)
+    [('c', 5), ('a', 2)]
+    """
+    return heapq.nsmallest(n, counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 class Popularity:
@@ -36,7 +45,7 @@ class Popularity:
         self.since += 1
         if self.since >= self.every or len(self.top) < self.depth:
             self.since = 0
-            self.top = [i for i, _ in heapq.nsmallest(self.depth, self.counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+            self.top = [i for i, _ in most_common(self.counts, self.depth)]
 
     def recommend(self, user_id: str, exclude: Collection[str], k: int) -> list[str]:
         return [i for i in self.top if i not in exclude][:k]
@@ -65,12 +74,14 @@ class LastDistinct:
 class CoVisitation:
     """Item-to-item kNN: how often two items are adjacent in a user's sequence, over the whole
     log. A user's list is the neighbours of their ``anchors`` newest distinct items, counts
-    summed, then popularity."""
+    summed, then popularity. It teaches ``last`` and ``popularity`` itself: give it the ones
+    a caller also scores, and they learn each event once."""
 
-    def __init__(self, anchors: int = 3, neighbours: int = 50) -> None:
+    def __init__(self, anchors: int = 3, neighbours: int = 50, last: LastDistinct | None = None,
+                 popularity: Popularity | None = None) -> None:
         self.pairs: dict[str, Counter[str]] = defaultdict(Counter)
-        self.last = LastDistinct(keep=anchors)
-        self.popularity = Popularity()
+        self.last = last or LastDistinct(keep=anchors)
+        self.popularity = popularity or Popularity()
         self.anchors, self.neighbours = anchors, neighbours
         self._top: dict[str, list[tuple[str, int]]] = {}  # an item's strongest neighbours, until it changes
 
@@ -88,8 +99,7 @@ class CoVisitation:
     def _strongest(self, item: str) -> list[tuple[str, int]]:
         top = self._top.get(item)
         if top is None:
-            top = self._top[item] = heapq.nsmallest(self.neighbours, self.pairs[item].items(),
-                                                    key=lambda kv: (-kv[1], kv[0]))
+            top = self._top[item] = most_common(self.pairs[item], self.neighbours)
         return top
 
     def recommend(self, user_id: str, exclude: Collection[str], k: int) -> list[str]:

@@ -154,7 +154,7 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"{flink}  broker    {s.kafka_bootstrap}\n  Redis     {s.redis_url}\n  logs      {stack.log_dir}/\n"
               f"  try       curl '{stack.api_url}/recommendations?user_id=1&k=10'\n", flush=True)
         if args.demo or args.log:
-            _feed(s, args)
+            _feed(s, args, stack.api_url)
         print("running; Ctrl-C stops everything", flush=True)
         while True:
             time.sleep(1)
@@ -170,7 +170,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _feed(s: Settings, args: argparse.Namespace) -> None:
+def _feed(s: Settings, args: argparse.Namespace, api_url: str) -> None:
     """Replay a log, or simulated behavior, into the stack."""
     from connectors.kafka import BrokerError
     from freshrec.demo import feed, try_it
@@ -184,7 +184,7 @@ def _feed(s: Settings, args: argparse.Namespace) -> None:
             return
         say(f"sending {args.events:,} simulated events, stamped with the clock, at up to {args.rate:g}/s: "
             "slower while the Flink jobs fall behind")
-        try_it(f"http://{s.api_host}:{s.api_port}", log=say)
+        try_it(api_url, log=say)
         sent = feed(s, args.events, args.rate, log=say)
         say(f"demo: all {sent:,} simulated events sent")
     except BrokerError as exc:  # the stack itself keeps running (and restarts the broker)

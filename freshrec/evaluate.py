@@ -30,7 +30,6 @@ runs (streaming/state.py, online_learning/examples.py).
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import multiprocessing as mp
@@ -46,7 +45,7 @@ from tqdm import tqdm
 
 from connectors.replay import sorted_events
 from connectors.schema import BehaviorEvent, InvalidEvent
-from freshrec.baselines import CoVisitation, LastDistinct, Popularity
+from freshrec.baselines import CoVisitation, LastDistinct, Popularity, most_common
 from online_learning.examples import BatchExamples, ExampleBuilder
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
@@ -98,7 +97,7 @@ class SlidingPopularity:
 
     def refresh(self) -> None:
         self.since = 0
-        self.top = [i for i, _ in heapq.nsmallest(self.depth, self.counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+        self.top = [i for i, _ in most_common(self.counts, self.depth)]
 
 
 class CategoryPopularity:
@@ -142,8 +141,7 @@ class CategoryPopularity:
     def top(self, category: str) -> list[str]:
         at, items = self.tops.get(category, (-self.every, []))
         if category in self.changed and self.n - at >= self.every:
-            items = [i for i, _ in heapq.nsmallest(self.depth, self.counts[category].items(),
-                                                   key=lambda kv: (-kv[1], kv[0]))]
+            items = [i for i, _ in most_common(self.counts[category], self.depth)]
             self.tops[category] = (self.n, items)
             self.changed.discard(category)
         return items
@@ -222,7 +220,8 @@ class Evaluation:
         # day's changes applied as one delta, as a replica would), not learning within the day.
         self.daily = OnlineRecommender.restore(self.online.snapshot())
         self.day: int | None = None
-        self.covisit, self.last_distinct, self.all_time = CoVisitation(), LastDistinct(), Popularity()
+        self.last_distinct, self.all_time = LastDistinct(), Popularity()
+        self.covisit = CoVisitation(last=self.last_distinct, popularity=self.all_time)  # it teaches both
         self.scores = Scores()
 
     # -- the methods' top lists ----------------------------------------------------------------
@@ -302,8 +301,7 @@ class Evaluation:
             return  # a duplicate: the streaming job drops it at the user too
         self.online.learn_many(examples)  # the frozen part too: its daily copy follows the online models
         if self.part != "frozen":
-            for baseline in (self.covisit, self.last_distinct, self.all_time):
-                baseline.learn_one(ev.user_id, ev.item_id)
+            self.covisit.learn_one(ev.user_id, ev.item_id)  # and last_distinct and all_time, which it holds
         if ev.behavior == "view":
             for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
                 self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
