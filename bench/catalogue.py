@@ -1,14 +1,16 @@
 """Feature catalogue speed; writes bench/results/catalogue.json.
 
-1. Backfill throughput (events/s, whole command: staging + the PyFlink batch job) with the
-   default catalogue over the shared Taobao slice (when present) and over a generated log of
-   --generated events (the simulator, written to a temporary JSONL file first).
+1. Backfill throughput (events/s, whole command: staging + the PyFlink batch job) over the
+   shared Taobao slice (when present) and over a generated log of --generated events (the
+   simulator, written to a temporary JSONL file first): the default catalogue and the part of
+   it that compiles to SQL, each with compiled definitions and with every definition on the
+   Python operators, one after the other (ratio_to_python).
 2. Streaming throughput with catalogues of 0 definitions (the feature job: built-in views),
    and 10, 40 and the default catalogue's definitions (the catalogue job alone): --stream-events
    are loaded into a topic, then the job starts; events/s = events / (time from the first row
    in Redis to the last event's user row).
 
-    python bench/catalogue.py [--generated 5000000] [--stream-events 20000] [--skip-backfill]
+    python bench/catalogue.py [--generated 1000000] [--stream-events 20000] [--skip-backfill]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from freshrec.config import Settings
 from freshrec.stack import start_job, stop_group
 from jobs.backfill import backfill
 from jobs.topics import prepare_log
+from streaming.sql import split
 
 ROOT = Path(__file__).resolve().parents[1]
 TAOBAO = ROOT.parent / "shared" / "data" / "taobao_userbehavior_timeslice_110k.csv"
@@ -76,15 +79,36 @@ def generated_log(n: int, path: Path) -> int:
     return last
 
 
-def bench_backfill(source: Path, tmp: Path, label: str, start: int, end: int) -> dict[str, Any]:
-    s = Settings(state_dir=tmp / f"backfill-{label}", feast_project=f"bench{label}")
+def bench_backfill(source: Path, tmp: Path, label: str, start: int, end: int, features: str,
+                   compiled_sql: bool) -> dict[str, Any]:
+    engine = "compiled" if compiled_sql else "python"
+    s = Settings(state_dir=tmp / f"backfill-{label}-{engine}", feast_project=f"bench{label}{engine}",
+                 features=features)
     t0 = time.monotonic()
-    report = backfill(s, [source], start, end, progress=False)
+    report = backfill(s, [source], start, end, progress=False, compiled_sql=compiled_sql)
     seconds = time.monotonic() - t0
     staged = report.staged
     assert staged is not None
-    return {"source": str(source), "events": staged.events, "days": len(report.days_written),
-            "seconds": round(seconds, 1), "events_per_s": round(staged.events / seconds)}
+    return {"source": str(source), "catalogue": features, "engine": engine, "events": staged.events,
+            "days": len(report.days_written), "seconds": round(seconds, 1),
+            "events_per_s": round(staged.events / seconds)}
+
+
+def bench_engines(source: Path, tmp: Path, label: str, start: int, end: int) -> list[dict[str, Any]]:
+    """The backfill with definitions compiled to SQL and with every definition on the Python
+    operators (the engine before), one after the other: the default catalogue, and the part of
+    it that compiles."""
+    subset = tmp / "compiled_catalog.py"
+    names = [d.name for d in split(load("features.catalog"))[0]]
+    subset.write_text(f"from features.catalog import {', '.join(names)}  # noqa: F401\n")
+    out = []
+    for features in ("features.catalog", str(subset)):
+        pair = [bench_backfill(source, tmp, label, start, end, features, compiled) for compiled in (True, False)]
+        pair[0]["ratio_to_python"] = round(pair[0]["events_per_s"] / pair[1]["events_per_s"], 2)
+        for r in pair:
+            print(f"backfill, {label}: {r}", flush=True)
+        out += pair
+    return out
 
 
 def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, broker: Any,
@@ -132,7 +156,7 @@ def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, br
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--generated", type=int, default=5_000_000)
+    ap.add_argument("--generated", type=int, default=1_000_000)
     ap.add_argument("--stream-events", type=int, default=20_000)
     ap.add_argument("--skip-backfill", action="store_true")
     ap.add_argument("--skip-stream", action="store_true")
@@ -152,16 +176,14 @@ def main() -> int:
         tmp = Path(d)
         if not args.skip_backfill:
             if TAOBAO.exists():
-                r = bench_backfill(TAOBAO, tmp, "taobao", 1_511_654_400_000, 1_511_654_400_000 + 2 * DAY)
-                print(f"backfill, Taobao slice: {r}", flush=True)
-                out["backfill"].append(r)
+                out["backfill"] += bench_engines(TAOBAO, tmp, "taobao", 1_511_654_400_000,
+                                                 1_511_654_400_000 + 2 * DAY)
                 save()
             if args.generated:
                 log = tmp / "generated.jsonl"
                 last = generated_log(args.generated, log)
-                r = bench_backfill(log, tmp, "generated", START_MS - START_MS % DAY, last + DAY - last % DAY)
-                print(f"backfill, generated: {r}", flush=True)
-                out["backfill"].append(r)
+                out["backfill"] += bench_engines(log, tmp, "generated", START_MS - START_MS % DAY,
+                                                 last + DAY - last % DAY)
                 save()
         if not args.skip_stream:
             broker, redis_server = start_broker(tmp / "broker"), start_redis(tmp / "redis")

@@ -35,9 +35,13 @@ def records(row: dict[str, Any], keys: Mapping[str, Sequence[str]]) -> list[tupl
 
 
 def write_part(root: Path, view: str, day: str, name: str, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
+    write_table(root, view, day, name, pa.Table.from_pylist(rows, schema=schema))
+
+
+def write_table(root: Path, view: str, day: str, name: str, table: pa.Table) -> None:
     """One Parquet file of a view's day, written whole: readers never see half a file."""
     folder = root / view / f"date={day}"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{name}.parquet.tmp"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    pq.write_table(table, tmp)
     tmp.rename(folder / f"{name}.parquet")

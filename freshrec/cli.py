@@ -345,7 +345,13 @@ def cmd_features(args: argparse.Namespace) -> int:
     s = Settings.from_env()
     defs = load(s.features)  # a DefinitionError lists every problem, by definition and field
     if args.action == "validate":
+        from streaming.sql import split
+
+        compiled, rest = split(defs)
         print(f"{len(defs)} definitions in {s.features}: valid")
+        print(f"  the backfill runs {len(compiled)} as Flink SQL: {', '.join(d.name for d in compiled) or '-'}")
+        print(f"  and {len(rest)} on Python operators: {', '.join(d.name for d in rest) or '-'}")
+        print("  (the stream runs every definition on Python operators)")
         return 0
     if args.action == "parity":
         if not args.source:

@@ -44,6 +44,7 @@ from features.store import repo_dir
 from freshrec.config import Settings
 from streaming.batch import DAY_MS, DayFiles, Layout, day_of, log
 from streaming.definitions import max_window_ms
+from streaming.state import Seen
 
 NAME = "freshrec-backfill"
 
@@ -121,6 +122,7 @@ class Staged:
     events: int = 0
     refused: int = 0
     late: int = 0
+    duplicates: int = 0
     outside: int = 0
     first: int = 2**63
     last: int = -(2**63)
@@ -132,9 +134,12 @@ def stage(sources: list[Path], fmt: str, lo: int, hi: int, s: Settings, into: Pa
     events of [lo, hi) as tab-separated lines (ids carry no whitespace) for Flink to read.
 
     The files' order is taken as their arrival order: an event more than the allowed lateness
-    behind the newest one before it is late, as it would be in the stream."""
+    behind the newest one before it is late, as it would be in the stream, and a repeated event
+    id is dropped as the stream's user operator drops it (streaming/state.Seen)."""
     st = Staged(into)
     newest = -(2**63)
+    seen: dict[str, Seen] = {}
+    dedup_ms = s.allowed_lateness_ms + s.out_of_orderness_ms
     bound = s.out_of_orderness_ms + 1 + s.allowed_lateness_ms  # the job's watermark lags by ooo + 1 ms
     total = sum(p.stat().st_size for p in sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=None if progress else True, file=sys.stderr,
@@ -162,6 +167,9 @@ def stage(sources: list[Path], fmt: str, lo: int, hi: int, s: Settings, into: Pa
                     st.refused += 1
                     continue
                 newest = max(newest, e.ts)
+                if not seen.setdefault(e.user_id, Seen()).first(e.event_id, e.ts, dedup_ms):
+                    st.duplicates += 1
+                    continue
                 if not lo <= e.ts < hi:
                     st.outside += 1
                     continue
@@ -173,13 +181,18 @@ def stage(sources: list[Path], fmt: str, lo: int, hi: int, s: Settings, into: Pa
     return st
 
 
-def run_job(s: Settings, staged: Staged, files: DayFiles) -> None:
+def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition], tmp: Path,
+            compiled_sql: bool = True) -> None:
+    """One batch job: the definitions that compile to SQL (streaming/sql.py) in Flink's own
+    operators, the rest in the Python operators the stream runs (all of them there without
+    ``compiled_sql``: the benchmark's baseline)."""
     from pyflink.common import Duration, Types, WatermarkStrategy
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
+    from pyflink.table import EnvironmentSettings, StreamTableEnvironment
 
     from jobs.feature_job import EVENT
-    from streaming import batch
+    from streaming import batch, sql
     from streaming.definitions import Deduplicate, attach
     from streaming.flink import environment
 
@@ -187,24 +200,46 @@ def run_job(s: Settings, staged: Staged, files: DayFiles) -> None:
         def extract_timestamp(self, value: Any, record_timestamp: int) -> int:
             return value[4]
 
+    compiled, rest = sql.split(defs) if compiled_sql else ([], defs)
     env = environment(s, NAME, restore=False, batch=True)
-    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), str(staged.path)).build()
-    lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "staged events")
-    progress = batch.Progress(staged.events)
-    events = (lines.map(lambda line: progress(batch.staged_event(line)), output_type=EVENT).name("events")
-              .assign_timestamps_and_watermarks(  # batch mode sorts each key's records by these
-                  WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
-                  .with_timestamp_assigner(EventTime())))
-    unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
-              .process(Deduplicate(s.allowed_lateness_ms + s.out_of_orderness_ms), output_type=EVENT)
-              .name("deduplicate"))
-    attach(unique, s.features, s.allowed_lateness_ms, online=False, files=files)
+    if rest:
+        source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), str(staged.path)).build()
+        lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "staged events")
+        progress = batch.Progress(staged.events)
+        events = (lines.map(lambda line: progress(batch.staged_event(line)), output_type=EVENT).name("events")
+                  .assign_timestamps_and_watermarks(  # batch mode sorts each key's records by these
+                      WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
+                      .with_timestamp_assigner(EventTime())))
+        unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
+                  .process(Deduplicate(s.allowed_lateness_ms + s.out_of_orderness_ms), output_type=EVENT)
+                  .name("deduplicate"))
+        attach(unique, s.features, s.allowed_lateness_ms, online=False, files=files, names={d.name for d in rest})
+    queries = sql.queries(compiled)
+    out = tmp / "compiled"
+    if queries:
+        t_env = StreamTableEnvironment.create(env, EnvironmentSettings.in_batch_mode())
+        t_env.execute_sql(sql.table("events", sql.EVENT_COLUMNS, str(staged.path)))  # de-duplicated by stage()
+        statements = t_env.create_statement_set()
+        for q in queries:
+            t_env.execute_sql(sql.table(f"rows_{q.kind.name}", q.columns, str(out / q.kind.name)))
+            statements.add_insert_sql(q.insert("events", f"rows_{q.kind.name}"))
+        log(f"{len(compiled)} definitions compiled to Flink SQL ({', '.join(q.kind.name for q in queries)}), "
+            f"{len(rest)} on Python operators: running")
+    started = time.monotonic()
     try:
-        env.execute(NAME)
+        if queries and not rest:
+            statements.execute().wait()
+        else:
+            if queries:
+                statements.attach_as_datastream()
+            env.execute(NAME)
     except Exception as exc:  # py4j's Py4JJavaError: pages of Java stack, the cause at the bottom
         causes = [line.strip() for line in str(exc).splitlines() if line.startswith("Caused by:")]
         raise BackfillError(f"the PyFlink batch job failed: {causes[-1] if causes else exc}; nothing of this run "
                             "is marked done, so running the same command again redoes it") from None
+    log(f"the batch job took {time.monotonic() - started:.0f}s")
+    for q in queries:
+        batch.write_compiled(out / q.kind.name, q.columns, list(q.kind.join_keys), files)
 
 
 @dataclass
@@ -221,7 +256,7 @@ class Report:
 
 
 def backfill(s: Settings, sources: list[Path], start: int, end: int, fmt: str = "auto",
-             materialize: bool = False, progress: bool = True) -> Report:
+             materialize: bool = False, progress: bool = True, compiled_sql: bool = True) -> Report:
     """Run the catalogue over ``sources`` for the days of [start, end); see the module docstring."""
     if end <= start:
         raise BackfillError(f"--to ({day_of(end)}) must come after --from ({day_of(start)})")
@@ -252,14 +287,14 @@ def backfill(s: Settings, sources: list[Path], start: int, end: int, fmt: str = 
             f"on; catalogue {s.features}: {len(defs)} definitions")
         staged = stage(sources, fmt, first - reach, end, s, Path(tmp) / "events.tsv", rejected, progress)
         log(f"staged {staged.events:,} events; refused {staged.refused:,} ({staged.late:,} late) -> {rejected}; "
-            f"{staged.outside:,} outside the range")
+            f"{staged.duplicates:,} duplicates dropped; {staged.outside:,} outside the range")
         run = f"{int(time.time())}-{os.getpid()}"
         for d in todo:
             for old in layout.root.glob(f"*/date={d}/backfill-*.parquet"):
                 old.unlink()  # an earlier run's rows of this day, complete or not
         if staged.events:
             layouts = {v.name: (join_keys(v), arrow_schema(v)) for v in definition_views(defs)}
-            run_job(s, staged, DayFiles(str(layout.root), layouts, todo, run))
+            run_job(s, staged, DayFiles(str(layout.root), layouts, todo, run), defs, Path(tmp), compiled_sql)
         for d, (lo, hi) in sorted(todo.items()):
             rows = layout.rows(d, run)
             layout.finish(d, fingerprint, lo, hi, rows, run if rows else "empty")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from connectors.offline_files import records, write_part
+from connectors.offline_files import records, write_part, write_table
 
 DAY_MS = 86_400_000
 
@@ -126,3 +126,36 @@ class DayFiles:
             write_part(Path(self.root), view, day, f"backfill-{self.run}-{self.name}-{self.chunks}", rows,
                        self.schemas[view])
         self.rows, self.chunks, self.waiting = {}, self.chunks + 1, 0
+
+
+def write_compiled(csv_dir: Path, columns: list[tuple[str, str]], keys: list[str], layout: DayFiles) -> int:
+    """The compiled queries' rows (tab-separated files under ``csv_dir``, one column per
+    definition) as each definition's Parquet of the days asked for; returns the rows written."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pyarrow import csv
+
+    types = {"STRING": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
+    names = [c for c, _ in columns]
+    written = 0
+    files = sorted(p for p in csv_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for n, f in enumerate(files):
+        t = csv.read_csv(f, read_options=csv.ReadOptions(column_names=names),
+                         parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
+                         convert_options=csv.ConvertOptions(column_types={c: types[t] for c, t in columns},
+                                                            null_values=[""], strings_can_be_null=False))
+        for day_start, (lo, hi) in layout.bounds.items():
+            part = t.filter(pc.and_(pc.greater_equal(t["ts"], lo), pc.less(t["ts"], hi)))
+            if not part.num_rows:
+                continue
+            when = pc.cast(part["ts"], pa.timestamp("ms", tz="UTC"))
+            for view in names[len(keys) + 1:]:
+                if view not in layout.schemas:
+                    continue
+                schema = layout.schemas[view]
+                table = pa.Table.from_arrays([*(part[k] for k in keys), when, part[view]], schema=schema)
+                write_table(Path(layout.root), view, day_of(day_start),
+                            f"backfill-{layout.run}-compiled-{csv_dir.name}-{n}", table)
+                written += table.num_rows
+    return written
+

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -221,14 +222,15 @@ def _complete(kind: EntityKind) -> Any:
     return lambda r: all(r[i] for i in fields)
 
 
-def attach(events: Any, catalogue: str, lateness_ms: int, online: bool,
-           files: DayFiles | None = None) -> tuple[list[Any], list[Any], list[Any]]:
-    """Wire the catalogue onto a stream of de-duplicated events (the job's EVENT tuples);
-    returns the online-row streams, the final-row streams and the late-record streams. In
-    batch (not ``online``), ``files`` writes the final rows instead: no final-row streams."""
+def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: DayFiles | None = None,
+           names: Collection[str] | None = None) -> tuple[list[Any], list[Any], list[Any]]:
+    """Wire the catalogue (only ``names`` of it, when given) onto a stream of de-duplicated
+    events (the job's EVENT tuples); returns the online-row streams, the final-row streams and
+    the late-record streams. In batch (not ``online``), ``files`` writes the final rows
+    instead: no final-row streams."""
     if not online and files is None:
         raise ValueError("attach(online=False) needs files: the batch operators write their final rows there")
-    defs = load(catalogue)
+    defs = [d for d in load(catalogue) if names is None or d.name in names]
     by_kind, covisits = plans(defs)
     recs = events.map(_to_rec, output_type=REC).name("catalogue_records").uid("catalogue_records")
     rows, finals, late = [], [], []

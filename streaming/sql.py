@@ -1,0 +1,278 @@
+"""Feature definitions compiled to Flink SQL: the counting runs in Flink's Java operators.
+
+Count, Sum, Mean, Min and Max of one entity over a window, and Ratios of two of them, compile
+to one query per entity kind. The values are exactly those of streaming/aggregates.py: at
+every distinct event time t of an entity's records, the records of the newest window
+containing t, up to and including t. A window is built of panes (its slide), so
+
+    value(t) = merge(the panes before t's pane in the window,  -- a pane-level OVER window
+                     t's own pane up to t)                     -- a record-level OVER window
+
+and both parts are Flink's sort-based OVER aggregates, joined on (entity, pane). Definitions
+of other aggregations (distinct counts, last-N, co-visitation) have no such decomposition
+and stay on the Python operators (streaming/definitions.py): :func:`split` says which is which.
+
+>>> from datetime import timedelta as td
+>>> from features.dsl import Feature, Count, LastN, Ratio, Sliding, user
+>>> hour = Sliding(size=td(hours=1), slide=td(minutes=5))
+>>> views = Feature(name="views", entity=user, aggregation=Count(), behaviors=["view"], window=hour,
+...                 ttl=td(days=1), owner="o", description="d")
+>>> buys = Feature(name="buys", entity=user, aggregation=Count(), behaviors=["buy"], window=hour,
+...                ttl=td(days=1), owner="o", description="d")
+>>> rate = Ratio(name="rate", numerator=buys, denominator=views, ttl=td(days=1), owner="o", description="d")
+>>> last = Feature(name="last", entity=user, aggregation=LastN(), window=hour, ttl=td(days=1), owner="o",
+...                description="d")
+>>> compiled, rest = split([views, buys, rate, last])
+>>> [d.name for d in compiled], [d.name for d in rest]
+(['views', 'buys', 'rate'], ['last'])
+>>> q = Query.of(user, compiled)
+>>> q.columns
+[('user_id', 'STRING'), ('ts', 'BIGINT'), ('views', 'BIGINT'), ('buys', 'BIGINT'), ('rate', 'DOUBLE')]
+>>> "RANGE BETWEEN 11 PRECEDING AND 1 PRECEDING" in q.insert("events", "sink")
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from features.dsl import Count, Definition, DistinctCount, EntityKind, Feature, Max, Mean, Min, Ratio, Sum, Window
+
+COMPILED = (Count, Sum, Mean, Min, Max, DistinctCount)
+HOUR_MS = 3_600_000
+EVENT_COLUMNS = (("event_id", "STRING"), ("user_id", "STRING"), ("item_id", "STRING"), ("behavior", "STRING"),
+                 ("ts", "BIGINT"), ("category_id", "STRING"))
+
+
+def _compiles(d: Definition) -> bool:
+    return isinstance(d, Feature) and isinstance(d.aggregation, COMPILED)
+
+
+def split(defs: Iterable[Definition]) -> tuple[list[Definition], list[Definition]]:
+    """(what compiles to SQL, what stays on the Python operators); a Ratio compiles when both its
+    sides do, and otherwise takes them along, so no definition is computed twice."""
+    defs = list(defs)
+    python = {d.name for d in defs if not isinstance(d, Ratio) and not _compiles(d)}
+    for d in defs:
+        if isinstance(d, Ratio) and not (_compiles(d.numerator) and _compiles(d.denominator)):
+            python |= {d.name, d.numerator.name, d.denominator.name}
+    return [d for d in defs if d.name not in python], [d for d in defs if d.name in python]
+
+
+def name(text: str) -> str:
+    """An identifier, quoted: definitions may be called like SQL keywords (``values``, ``count``)."""
+    return "`" + text.replace("`", "``") + "`"
+
+
+def literal(x: float) -> str:
+    """A DOUBLE literal of exactly this float (a plain ``0.1`` would be a DECIMAL)."""
+    text = repr(float(x))
+    return text if "e" in text else text + "E0"
+
+
+def _string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A window as panes: which pane column it uses, how many panes it spans."""
+
+    slide_ms: int
+    panes: int
+
+    @classmethod
+    def of(cls, w: Window) -> _Shape:
+        return cls(int(w.slide.total_seconds() * 1000), int(w.size / w.slide))
+
+
+class _Part:
+    """One definition's SQL: its per-record input, the aggregates it needs, how they merge."""
+
+    def __init__(self, d: Feature, i: int) -> None:
+        self.d, self.x = d, f"x{i}"
+        agg = d.aggregation
+        self.kind = type(agg).__name__.lower()
+        self.sql_type = "BIGINT" if isinstance(agg, Count) else "DOUBLE"
+        accept = (f"behavior IN ({', '.join(_string(b) for b in d.behaviors)})" if d.behaviors else None)
+        if isinstance(agg, Count):
+            value = "CAST(1 AS BIGINT)"
+        elif isinstance(agg.of, dict):
+            cases = " ".join(f"WHEN {_string(b)} THEN {literal(w)}" for b, w in sorted(agg.of.items()))
+            value = f"CASE behavior {cases} ELSE 0.0E0 END"
+        elif agg.of == "ts":
+            value = "CAST(ts AS DOUBLE)"
+        else:  # hour of day, UTC
+            value = f"CAST(MOD(ts / {HOUR_MS}, 24) AS DOUBLE)"
+        self.input = f"CASE WHEN {accept} THEN {value} END" if accept else value
+        # (aggregate over records, how pane values of it merge), named by position
+        self.aggs = {"count": [("SUM", "SUM")], "sum": [("SUM", "SUM")], "mean": [("SUM", "SUM"), ("COUNT", "SUM")],
+                     "min": [("MIN", "MIN")], "max": [("MAX", "MAX")]}[self.kind]
+
+    def components(self) -> list[tuple[str, str, str]]:
+        """(column suffix, aggregate over records, merge over panes)."""
+        return [(f"{self.x}_{n}", agg, merge) for n, (agg, merge) in enumerate(self.aggs)]
+
+    def value(self, before: list[str] | None, here: list[str]) -> str:
+        """The value from the earlier panes' merged aggregates (None: a one-pane window) and
+        this pane's, as Python computes it (a count or sum of nothing is 0, the rest NULL)."""
+        if self.kind in ("count", "sum"):
+            zero = "0" if self.kind == "count" else "0.0E0"
+            parts = [f"COALESCE({c}, {zero})" for c in ([*before, *here] if before else here)]
+            return " + ".join(parts)
+        if self.kind == "mean":
+            s = " + ".join(f"COALESCE({c}, 0.0E0)" for c in ([before[0], here[0]] if before else [here[0]]))
+            n = " + ".join(f"COALESCE({c}, 0)" for c in ([before[1], here[1]] if before else [here[1]]))
+            return f"CASE WHEN {n} > 0 THEN ({s}) / ({n}) END"
+        if not before:
+            return here[0]
+        a, b = before[0], here[0]
+        better = "<" if self.kind == "min" else ">"
+        return f"CASE WHEN {a} IS NULL THEN {b} WHEN {b} IS NULL THEN {a} WHEN {a} {better} {b} THEN {a} ELSE {b} END"
+
+
+class _Distinct:
+    """A distinct count as +1/-1 steps: a record counts for the windows in which it is the first
+    of its value. With ``prev`` the value's previous record, that is from
+    ``max(ts, start of pane(prev) + k)`` until the start of ``pane(ts) + k``, when it leaves;
+    a running sum of the steps over the entity's time line is the count."""
+
+    def __init__(self, d: Feature, i: int) -> None:
+        self.d, self.y = d, f"y{i}"
+        shape = _Shape.of(d.window)
+        self.slide, self.panes = shape.slide_ms, shape.panes
+        self.accept = (f"behavior IN ({', '.join(_string(b) for b in d.behaviors)})" if d.behaviors else None)
+        # Events carry "" for no category (streaming/aggregates.py counts it as a value); the file reads it as NULL.
+        self.input = f"COALESCE({name(d.aggregation.of)}, '')"
+
+    def steps(self, keys: str) -> str:
+        slide, k = self.slide, self.panes
+        where = f" WHERE {self.accept}" if self.accept else ""
+        return (f"s_{self.y} AS (SELECT {keys}, ts, CASE WHEN `before` IS NULL THEN ts ELSE GREATEST(ts, "
+                f"(`before` / {slide} + {k}) * {slide}) END AS t_in, (ts / {slide} + {k}) * {slide} AS t_out FROM "
+                f"(SELECT {keys}, ts, LAG(ts) OVER (PARTITION BY {keys}, {self.y} ORDER BY ts) AS `before` "
+                f"FROM r{where}))")
+
+
+class Query:
+    """One entity kind's compiled definitions: an INSERT of one row per entity and distinct
+    event time, with a column per definition."""
+
+    def __init__(self, kind: EntityKind, features: list[Feature], ratios: list[Ratio]) -> None:
+        self.kind, self.ratios = kind, ratios
+        self.parts = [_Part(f, i) for i, f in enumerate(features) if not isinstance(f.aggregation, DistinctCount)]
+        self.distincts = [_Distinct(f, i) for i, f in enumerate(features) if isinstance(f.aggregation, DistinctCount)]
+        self.shapes: dict[_Shape, str] = {}
+        for p in self.parts:
+            self.shapes.setdefault(_Shape.of(p.d.window), f"p{len(self.shapes)}")
+
+    @classmethod
+    def of(cls, kind: EntityKind, defs: list[Definition]) -> Query:
+        return cls(kind, [d for d in defs if isinstance(d, Feature)], [d for d in defs if isinstance(d, Ratio)])
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        return ([(k, "STRING") for k in self.kind.join_keys] + [("ts", "BIGINT")]
+                + [(p.d.name, p.sql_type) for p in self.parts] + [(d.d.name, "BIGINT") for d in self.distincts]
+                + [(r.name, "DOUBLE") for r in self.ratios])
+
+    def insert(self, source: str, sink: str) -> str:
+        keys = [name(k) for k in self.kind.join_keys]
+        k = ", ".join(keys)
+        columns = [*keys, "ts", "behavior", *(f"ts / {s.slide_ms} AS {col}" for s, col in self.shapes.items()),
+                   *(f"{p.input} AS {p.x}" for p in self.parts), *(f"{d.input} AS {d.y}" for d in self.distincts)]
+        complete = [f"{key} IS NOT NULL AND {key} <> ''" for key in keys if key not in ("`user_id`", "`item_id`")]
+        ctes = [f"r AS (SELECT {', '.join(columns)} FROM {name(source)}"
+                + (f" WHERE {' AND '.join(complete)}" if complete else "") + ")"]
+        tables = []  # (CTE, its value columns): each has one row per entity and distinct time
+        if self.parts:
+            ctes += self._panes(keys)
+            tables.append(("g", [p.d.name for p in self.parts]))
+        if self.distincts:
+            ctes += self._steps(k)
+            tables.append(("n", [d.d.name for d in self.distincts]))
+        first = tables[0][0]
+        joins = " ".join(f"JOIN {t} ON " + " AND ".join(f"{first}.{c} = {t}.{c}" for c in [*keys, "ts"])
+                         for t, _ in tables[1:])
+        ratios = []
+        for r in self.ratios:
+            den = f"CAST(COALESCE({name(r.denominator.name)}, 0) AS DOUBLE) + {literal(r.prior_weight)}"
+            num = f"CAST(COALESCE({name(r.numerator.name)}, 0) AS DOUBLE) + {literal(r.prior * r.prior_weight)}"
+            ratios.append(f"CASE WHEN {den} <> 0.0E0 THEN ({num}) / ({den}) END AS {name(r.name)}")
+        out = ", ".join([*(f"{first}.{key}" for key in keys), f"{first}.ts",
+                         *(f"{t}.{name(c)}" for t, cols in tables for c in cols), *ratios])
+        return f"INSERT INTO {name(sink)}\nWITH " + ",\n".join(ctes) + f"\nSELECT {out} FROM {first} {joins}"
+
+    def _panes(self, keys: list[str]) -> list[str]:
+        """Counts, sums, means, min and max: the earlier panes of the window merged with the
+        record's own pane up to it."""
+        k = ", ".join(keys)
+        here = []
+        for p in self.parts:
+            col = self.shapes[_Shape.of(p.d.window)]
+            for c, agg, _ in p.components():
+                here.append(f"{agg}({p.x}) OVER (PARTITION BY {k}, {col} ORDER BY ts "
+                            f"RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS {c}_here")
+        ctes = [f"c AS (SELECT {k}, ts, {', '.join(self.shapes.values())}, {', '.join(here)} FROM r)"]
+        joins = []
+        for shape, col in self.shapes.items():
+            parts = [p for p in self.parts if _Shape.of(p.d.window) == shape]
+            if shape.panes == 1:
+                continue
+            totals = ", ".join(f"{agg}({p.x}) AS {c}" for p in parts for c, agg, _ in p.components())
+            before = ", ".join(f"{merge}({c}) OVER (PARTITION BY {k} ORDER BY {col} RANGE BETWEEN "
+                               f"{shape.panes - 1} PRECEDING AND 1 PRECEDING) AS {c}_before"
+                               for p in parts for c, _, merge in p.components())
+            ctes.append(f"t_{col} AS (SELECT {k}, {col}, {totals} FROM r GROUP BY {k}, {col})")
+            ctes.append(f"b_{col} AS (SELECT {k}, {col}, {before} FROM t_{col})")
+            on = " AND ".join(f"c.{key} = b_{col}.{key}" for key in [*keys, col])
+            joins.append(f"LEFT JOIN b_{col} ON {on}")
+        values = []
+        for p in self.parts:
+            comps = p.components()
+            multi = _Shape.of(p.d.window).panes > 1
+            before = [f"{c}_before" for c, _, _ in comps] if multi else None
+            value = p.value(before, [f"{c}_here" for c, _, _ in comps])
+            values.append(f"{value} AS {name(p.d.name)}")
+        ctes.append(f"v AS (SELECT {', '.join(f'c.{key}' for key in keys)}, c.ts, {', '.join(values)} "
+                    f"FROM c {' '.join(joins)})")
+        # Records of one time share their values (RANGE frames take a row's peers): one row per time.
+        grouped = ", ".join(f"MAX({name(p.d.name)}) AS {name(p.d.name)}" for p in self.parts)
+        ctes.append(f"g AS (SELECT {k}, ts, {grouped} FROM v GROUP BY {k}, ts)")
+        return ctes
+
+    def _steps(self, k: str) -> list[str]:
+        """Distinct counts: each record's steps on the entity's time line, beside a 0 step at each
+        record's own time (where the running sums are read)."""
+        ctes = [d.steps(k) for d in self.distincts]
+        zero = [f"CAST(0 AS BIGINT) AS {d.y}" for d in self.distincts]
+        rows = [f"SELECT {k}, ts AS t_at, 1 AS is_row, {', '.join(zero)} FROM r"]
+        for d in self.distincts:
+            for at, step in (("t_in", 1), ("t_out", -1)):
+                cols = [f"CAST({step if e is d else 0} AS BIGINT) AS {e.y}" for e in self.distincts]
+                rows.append(f"SELECT {k}, {at} AS t_at, 0 AS is_row, {', '.join(cols)} FROM s_{d.y} WHERE t_in < t_out")
+        ctes.append("all_steps AS (" + " UNION ALL ".join(rows) + ")")
+        sums = ", ".join(f"SUM({d.y}) OVER (PARTITION BY {k} ORDER BY t_at RANGE BETWEEN UNBOUNDED PRECEDING AND "
+                         f"CURRENT ROW) AS {d.y}" for d in self.distincts)
+        ctes.append(f"running_sums AS (SELECT {k}, t_at, is_row, {sums} FROM all_steps)")
+        counts = ", ".join(f"MAX({d.y}) AS {name(d.d.name)}" for d in self.distincts)
+        ctes.append(f"n AS (SELECT {k}, t_at AS ts, {counts} FROM running_sums WHERE is_row = 1 GROUP BY {k}, t_at)")
+        return ctes
+
+
+def queries(defs: Iterable[Definition]) -> list[Query]:
+    """The compiled definitions as one query per entity kind (pass :func:`split`'s first part)."""
+    by_kind: dict[EntityKind, list[Definition]] = {}
+    for d in defs:
+        by_kind.setdefault(d.entity_kind, []).append(d)
+    return [Query.of(kind, group) for kind, group in by_kind.items()]
+
+
+def table(table_name: str, columns: Iterable[tuple[str, str]], path: str) -> str:
+    """A tab-separated file table (ids hold no control characters: the schema refuses them)."""
+    cols = ", ".join(f"{name(c)} {t}" for c, t in columns)
+    return (f"CREATE TEMPORARY TABLE {name(table_name)} ({cols}) WITH ('connector' = 'filesystem', "
+            f"'path' = {_string(path)}, 'format' = 'csv', 'csv.field-delimiter' = '\\t', "
+            "'csv.disable-quote-character' = 'true', 'csv.null-literal' = '')")
+
