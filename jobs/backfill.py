@@ -1,11 +1,15 @@
 """The batch backfill: the feature catalogue over historical logs, into the offline store.
 
-    log files -> validate; refuse what the stream would refuse (bad rows, too late in file order)
+    log files -> validate; refuse what the stream would refuse (bad rows, too late in file
+                 order); drop repeated event ids as the stream does
       -> staged events (one tab-separated file)
-      -> PyFlink, batch runtime mode: key by user -> de-duplicate -> the catalogue's operators
-         (streaming/definitions.py, the very ones the streaming job runs) -> their final rows,
-         written by each operator as Parquet under offline/<definition>/date=YYYY-MM-DD/
-         (Feast's FileSources) -> a manifest per day once the job is done
+      -> one Flink job in batch runtime mode:
+           the definitions that compile to SQL (streaming/sql.py): a query per entity kind,
+             run by Flink's own operators -> tab-separated rows -> Parquet (streaming/batch.py)
+           the rest: the catalogue's Python operators (streaming/definitions.py, the very ones
+             the streaming job runs), each writing its final rows as Parquet
+         under offline/<definition>/date=YYYY-MM-DD/ (Feast's FileSources)
+      -> a manifest per day once the job is done
     and optionally Feast's materialize of the newest values into the online store.
 
 A day is done when its manifest (offline/_backfill/partitions/<day>.json) says so for the
@@ -186,14 +190,14 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
     """One batch job: the definitions that compile to SQL (streaming/sql.py) in Flink's own
     operators, the rest in the Python operators the stream runs (all of them there without
     ``compiled_sql``: the benchmark's baseline)."""
-    from pyflink.common import Duration, Types, WatermarkStrategy
+    from pyflink.common import Duration, WatermarkStrategy
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
     from pyflink.table import EnvironmentSettings, StreamTableEnvironment
 
     from jobs.feature_job import EVENT
     from streaming import batch, sql
-    from streaming.definitions import Deduplicate, attach
+    from streaming.definitions import attach
     from streaming.flink import environment
 
     class EventTime(TimestampAssigner):
@@ -210,10 +214,7 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
                   .assign_timestamps_and_watermarks(  # batch mode sorts each key's records by these
                       WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
                       .with_timestamp_assigner(EventTime())))
-        unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
-                  .process(Deduplicate(s.allowed_lateness_ms + s.out_of_orderness_ms), output_type=EVENT)
-                  .name("deduplicate"))
-        attach(unique, s.features, s.allowed_lateness_ms, online=False, files=files, names={d.name for d in rest})
+        attach(events, s.features, s.allowed_lateness_ms, online=False, files=files, names={d.name for d in rest})
     queries = sql.queries(compiled)
     out = tmp / "compiled"
     if queries:
@@ -239,7 +240,7 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
                             "is marked done, so running the same command again redoes it") from None
     log(f"the batch job took {time.monotonic() - started:.0f}s")
     for q in queries:
-        batch.write_compiled(out / q.kind.name, q.columns, list(q.kind.join_keys), files)
+        batch.write_compiled(out / q.kind.name, q.columns, list(q.kind.join_keys), files, q.lists)
 
 
 @dataclass

@@ -128,15 +128,19 @@ class DayFiles:
         self.rows, self.chunks, self.waiting = {}, self.chunks + 1, 0
 
 
-def write_compiled(csv_dir: Path, columns: list[tuple[str, str]], keys: list[str], layout: DayFiles) -> int:
+def write_compiled(csv_dir: Path, columns: list[tuple[str, str]], keys: list[str], layout: DayFiles,
+                   lists: dict[str, tuple[list[str], list[str]]]) -> int:
     """The compiled queries' rows (tab-separated files under ``csv_dir``, one column per
-    definition) as each definition's Parquet of the days asked for; returns the rows written."""
+    definition; a last-N list as a value and a time column per entry) as each definition's
+    Parquet of the days asked for; returns the rows written."""
     import pyarrow as pa
     import pyarrow.compute as pc
     from pyarrow import csv
 
     types = {"STRING": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
     names = [c for c, _ in columns]
+    in_lists = {c for values, times in lists.values() for c in (*values, *times)}
+    views = [c for c in names[len(keys) + 1:] if c not in in_lists] + list(lists)
     written = 0
     files = sorted(p for p in csv_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
     for n, f in enumerate(files):
@@ -149,13 +153,22 @@ def write_compiled(csv_dir: Path, columns: list[tuple[str, str]], keys: list[str
             if not part.num_rows:
                 continue
             when = pc.cast(part["ts"], pa.timestamp("ms", tz="UTC"))
-            for view in names[len(keys) + 1:]:
+            for view in views:
                 if view not in layout.schemas:
                     continue
                 schema = layout.schemas[view]
-                table = pa.Table.from_arrays([*(part[k] for k in keys), when, part[view]], schema=schema)
+                if view in lists:
+                    values, times = lists[view]
+                    # An entry is there when its time is: its value may be "" (an event without a category).
+                    rows = zip(*(part[c].to_pylist() for c in values), *(part[c].to_pylist() for c in times),
+                               strict=True)
+                    half = len(values)
+                    column = pa.array([[v for v, at in zip(r[:half], r[half:], strict=True) if at is not None]
+                                       for r in rows], type=schema.field(view).type)
+                else:
+                    column = part[view]
+                table = pa.Table.from_arrays([*(part[k] for k in keys), when, column], schema=schema)
                 write_table(Path(layout.root), view, day_of(day_start),
                             f"backfill-{layout.run}-compiled-{csv_dir.name}-{n}", table)
                 written += table.num_rows
     return written
-

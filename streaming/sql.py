@@ -1,33 +1,33 @@
 """Feature definitions compiled to Flink SQL: the counting runs in Flink's Java operators.
 
-Count, Sum, Mean, Min and Max of one entity over a window, and Ratios of two of them, compile
-to one query per entity kind. The values are exactly those of streaming/aggregates.py: at
-every distinct event time t of an entity's records, the records of the newest window
-containing t, up to and including t. A window is built of panes (its slide), so
+Count, Sum, Mean, Min, Max, DistinctCount and (unfiltered) LastN of one entity over a window,
+and Ratios of them, compile to one query per entity kind. The values are exactly those of
+streaming/aggregates.py: at every distinct event time t of an entity's records, the records of
+the newest window containing t, up to and including t. A window is built of panes (its
+slide), so for counts, sums, means, min and max
 
     value(t) = merge(the panes before t's pane in the window,  -- a pane-level OVER window
                      t's own pane up to t)                     -- a record-level OVER window
 
-and both parts are Flink's sort-based OVER aggregates, joined on (entity, pane). Definitions
-of other aggregations (distinct counts, last-N, co-visitation) have no such decomposition
-and stay on the Python operators (streaming/definitions.py): :func:`split` says which is which.
+joined on (entity, pane). A distinct count is a running sum of +1/-1 steps (:class:`_Distinct`),
+the newest n values are LAGs (:class:`_Last`). Co-visitation and filtered last-N lists stay on
+the Python operators (streaming/definitions.py): :func:`split` says which is which.
 
 >>> from datetime import timedelta as td
->>> from features.dsl import Feature, Count, LastN, Ratio, Sliding, user
+>>> from features.dsl import Feature, Count, CoVisitation, LastN, Ratio, Sliding, user
 >>> hour = Sliding(size=td(hours=1), slide=td(minutes=5))
->>> views = Feature(name="views", entity=user, aggregation=Count(), behaviors=["view"], window=hour,
-...                 ttl=td(days=1), owner="o", description="d")
->>> buys = Feature(name="buys", entity=user, aggregation=Count(), behaviors=["buy"], window=hour,
-...                ttl=td(days=1), owner="o", description="d")
->>> rate = Ratio(name="rate", numerator=buys, denominator=views, ttl=td(days=1), owner="o", description="d")
->>> last = Feature(name="last", entity=user, aggregation=LastN(), window=hour, ttl=td(days=1), owner="o",
-...                description="d")
->>> compiled, rest = split([views, buys, rate, last])
+>>> meta = dict(ttl=td(days=1), owner="o", description="d")
+>>> views = Feature(name="views", entity=user, aggregation=Count(), behaviors=["view"], window=hour, **meta)
+>>> buys = Feature(name="buys", entity=user, aggregation=Count(), behaviors=["buy"], window=hour, **meta)
+>>> rate = Ratio(name="rate", numerator=buys, denominator=views, **meta)
+>>> last = Feature(name="last", entity=user, aggregation=LastN(n=2), window=hour, **meta)
+>>> bought = Feature(name="bought", entity=user, aggregation=LastN(), behaviors=["buy"], window=hour, **meta)
+>>> compiled, rest = split([views, buys, rate, last, bought, CoVisitation(name="co", **meta)])
 >>> [d.name for d in compiled], [d.name for d in rest]
-(['views', 'buys', 'rate'], ['last'])
+(['views', 'buys', 'rate', 'last'], ['bought', 'co'])
 >>> q = Query.of(user, compiled)
->>> q.columns
-[('user_id', 'STRING'), ('ts', 'BIGINT'), ('views', 'BIGINT'), ('buys', 'BIGINT'), ('rate', 'DOUBLE')]
+>>> [c for c, _ in q.columns]
+['user_id', 'ts', 'views', 'buys', 'last__v0', 'last__t0', 'last__v1', 'last__t1', 'rate']
 >>> "RANGE BETWEEN 11 PRECEDING AND 1 PRECEDING" in q.insert("events", "sink")
 True
 """
@@ -37,7 +37,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from features.dsl import Count, Definition, DistinctCount, EntityKind, Feature, Max, Mean, Min, Ratio, Sum, Window
+from features.dsl import (
+    Count,
+    Definition,
+    DistinctCount,
+    EntityKind,
+    Feature,
+    LastN,
+    Max,
+    Mean,
+    Min,
+    Ratio,
+    Sum,
+    Window,
+)
 
 COMPILED = (Count, Sum, Mean, Min, Max, DistinctCount)
 HOUR_MS = 3_600_000
@@ -45,7 +58,13 @@ EVENT_COLUMNS = (("event_id", "STRING"), ("user_id", "STRING"), ("item_id", "STR
                  ("ts", "BIGINT"), ("category_id", "STRING"))
 
 
+MAX_LAST_N = 50  # a column per entry: longer lists stay on the Python operators
+
+
 def _compiles(d: Definition) -> bool:
+    if isinstance(d, Feature) and isinstance(d.aggregation, LastN):
+        # A filtered list would need the newest accepted records as of every record: not compiled yet.
+        return d.behaviors is None and d.aggregation.n <= MAX_LAST_N
     return isinstance(d, Feature) and isinstance(d.aggregation, COMPILED)
 
 
@@ -155,14 +174,45 @@ class _Distinct:
                 f"FROM r{where}))")
 
 
+class _Last:
+    """The newest n values: the record's own and n-1 LAGs in (time, event id) order, read at the
+    last record of each time, each kept while it is inside the window (its time column says so:
+    a value of "" is a value)."""
+
+    def __init__(self, d: Feature, i: int) -> None:
+        self.d, self.z = d, f"z{i}"
+        self.n = d.aggregation.n
+        shape = _Shape.of(d.window)
+        self.slide, self.panes = shape.slide_ms, shape.panes
+        self.input = f"COALESCE({name(d.aggregation.of)}, '')"
+        self.values = [f"{d.name}__v{j}" for j in range(self.n)]
+        self.times = [f"{d.name}__t{j}" for j in range(self.n)]
+
+    def ctes(self, keys: str) -> list[str]:
+        over = f"OVER (PARTITION BY {keys} ORDER BY ts, event_id)"
+        lags = [f"{self.z} AS v0", "ts AS t0"]
+        for j in range(1, self.n):
+            lags += [f"LAG({self.z}, {j}) {over} AS v{j}", f"LAG(ts, {j}) {over} AS t{j}"]
+        start = f"(ts / {self.slide} - {self.panes - 1}) * {self.slide}"
+        kept = []
+        for j in range(self.n):
+            kept += [f"CASE WHEN t{j} >= {start} THEN v{j} END AS {name(self.values[j])}",
+                     f"CASE WHEN t{j} >= {start} THEN t{j} END AS {name(self.times[j])}"]
+        return [f"l_{self.z} AS (SELECT {keys}, ts, {', '.join(lags)}, LEAD(ts) {over} AS next_ts FROM r)",
+                f"k_{self.z} AS (SELECT {keys}, ts, {', '.join(kept)} FROM l_{self.z} "
+                "WHERE next_ts IS NULL OR next_ts <> ts)"]
+
+
 class Query:
     """One entity kind's compiled definitions: an INSERT of one row per entity and distinct
     event time, with a column per definition."""
 
     def __init__(self, kind: EntityKind, features: list[Feature], ratios: list[Ratio]) -> None:
         self.kind, self.ratios = kind, ratios
-        self.parts = [_Part(f, i) for i, f in enumerate(features) if not isinstance(f.aggregation, DistinctCount)]
+        self.parts = [_Part(f, i) for i, f in enumerate(features)
+                      if not isinstance(f.aggregation, DistinctCount | LastN)]
         self.distincts = [_Distinct(f, i) for i, f in enumerate(features) if isinstance(f.aggregation, DistinctCount)]
+        self.lasts = [_Last(f, i) for i, f in enumerate(features) if isinstance(f.aggregation, LastN)]
         self.shapes: dict[_Shape, str] = {}
         for p in self.parts:
             self.shapes.setdefault(_Shape.of(p.d.window), f"p{len(self.shapes)}")
@@ -175,13 +225,23 @@ class Query:
     def columns(self) -> list[tuple[str, str]]:
         return ([(k, "STRING") for k in self.kind.join_keys] + [("ts", "BIGINT")]
                 + [(p.d.name, p.sql_type) for p in self.parts] + [(d.d.name, "BIGINT") for d in self.distincts]
+                + [c for last in self.lasts for j in range(last.n) for c in ((last.values[j], "STRING"),
+                                                                             (last.times[j], "BIGINT"))]
                 + [(r.name, "DOUBLE") for r in self.ratios])
+
+    @property
+    def lists(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Each last-N definition's value and time columns (newest first): a list of the values
+        whose time is not NULL."""
+        return {last.d.name: (last.values, last.times) for last in self.lasts}
 
     def insert(self, source: str, sink: str) -> str:
         keys = [name(k) for k in self.kind.join_keys]
         k = ", ".join(keys)
-        columns = [*keys, "ts", "behavior", *(f"ts / {s.slide_ms} AS {col}" for s, col in self.shapes.items()),
-                   *(f"{p.input} AS {p.x}" for p in self.parts), *(f"{d.input} AS {d.y}" for d in self.distincts)]
+        columns = [*keys, "ts", "event_id", "behavior",
+                   *(f"ts / {s.slide_ms} AS {col}" for s, col in self.shapes.items()),
+                   *(f"{p.input} AS {p.x}" for p in self.parts), *(f"{d.input} AS {d.y}" for d in self.distincts),
+                   *(f"{last.input} AS {last.z}" for last in self.lasts)]
         complete = [f"{key} IS NOT NULL AND {key} <> ''" for key in keys if key not in ("`user_id`", "`item_id`")]
         ctes = [f"r AS (SELECT {', '.join(columns)} FROM {name(source)}"
                 + (f" WHERE {' AND '.join(complete)}" if complete else "") + ")"]
@@ -192,6 +252,9 @@ class Query:
         if self.distincts:
             ctes += self._steps(k)
             tables.append(("n", [d.d.name for d in self.distincts]))
+        for last in self.lasts:
+            ctes += last.ctes(k)
+            tables.append((f"k_{last.z}", [c for j in range(last.n) for c in (last.values[j], last.times[j])]))
         first = tables[0][0]
         joins = " ".join(f"JOIN {t} ON " + " AND ".join(f"{first}.{c} = {t}.{c}" for c in [*keys, "ts"])
                          for t, _ in tables[1:])

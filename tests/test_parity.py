@@ -142,13 +142,14 @@ def test_stream_and_backfill_give_identical_values(parity: dict[str, Any]) -> No
     # Windows straddled by late events: a window whose values changed when a late event was folded.
     assert any(len(v) > 3 for v in parity["batch"].values())
     # So the backfill's Flink SQL (streaming/sql.py) equals the stream's Python operators: the
-    # counts, sums, means, min/max, distinct count and ratio were written by the compiled queries,
-    # the rest not.
+    # counts, sums, means, min/max, distinct count, last-N and ratio were written by the compiled
+    # queries, co-visitation by the Python operators.
     s: Settings = parity["settings"]
     root = Path(s.state_dir) / "feast" / s.feast_project / "offline"
     compiled, rest = split(parity["defs"])
     assert {d.name for d in compiled} == {"t_user_views", "t_user_buys", "t_user_buy_rate", "t_user_weight",
-                                          "t_user_hour", "t_item_first", "t_uc_newest", "t_cat_views", "t_user_items"}
+                                          "t_user_hour", "t_item_first", "t_uc_newest", "t_cat_views", "t_user_items",
+                                          "t_user_last"}
     for d in parity["defs"]:
         files = [f.name for f in (root / d.name).rglob("backfill-*.parquet")]
         assert files and all(("-compiled-" in f) == (d in compiled) for f in files), (d.name, files)
