@@ -160,6 +160,7 @@ class Probe:
     seconds: float | None  # from sending the event to an answer built on it; None: not within the timeout
     changed: bool  # that answer's items differ from the ones before the event
     degraded: int = 0  # answers marked degraded on the way
+    causes: tuple[str, ...] = ()  # why, once per failed read (the answers after it, "retrying shortly", follow)
 
 
 def _items(api: httpx.Client, user_id: str) -> tuple[list[str], dict]:
@@ -171,20 +172,28 @@ def probe(api_url: str, user_id: str, item_id: str, behavior: str = "view", time
     """Send one event through ``POST /events`` and poll the user's recommendations until an
     answer is built on the user's features as of that event (the list also moves with
     trending and the model; that would say nothing about this event)."""
+    causes: list[str] = []
+
+    def degraded(body: dict) -> int:
+        reason = body.get("degraded_reason") or ""
+        if body["degraded"] and "retrying shortly" not in reason:
+            causes.append(reason)
+        return int(body["degraded"])
+
     with httpx.Client(base_url=api_url, timeout=5) as api:
         before, body = _items(api, user_id)
-        degraded = int(body["degraded"])
+        n = degraded(body)
         ts = int(time.time() * 1000)
         started = time.monotonic()
         api.post("/events", json=[{"user_id": user_id, "item_id": item_id, "behavior": behavior, "ts": ts}]) \
             .raise_for_status()
         while time.monotonic() - started < timeout_s:
             items, body = _items(api, user_id)
-            degraded += body["degraded"]
+            n += degraded(body)
             if ((body.get("features") or {}).get("user_recent") or 0) >= ts:
-                return Probe(user_id, item_id, time.monotonic() - started, items != before, degraded)
+                return Probe(user_id, item_id, time.monotonic() - started, items != before, n, tuple(causes))
             time.sleep(0.02)
-    return Probe(user_id, item_id, None, False, degraded)
+    return Probe(user_id, item_id, None, False, n, tuple(causes))
 
 
 def popular_item(api_url: str) -> str | None:
@@ -282,6 +291,7 @@ def run(settings: Settings, api_url: str, flink_ui: dict[str, str], seconds: flo
         "rate_at_end": round(throttle.rate, 1), "users": users,
         "taken_in": len(took), "changed": sum(p.changed for p in probes),
         "degraded_answers": sum(p.degraded for p in probes),
+        "degraded_causes": sorted({c for p in probes for c in p.causes}),
         "post_to_changed_p50_s": round(percentile(took, 0.5), 3) if took else None,
         "post_to_changed_p99_s": round(percentile(took, 0.99), 3) if took else None,
         "post_to_changed_s": [round(t, 3) for t in took],

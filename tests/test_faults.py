@@ -152,8 +152,9 @@ def _answers(client: redis.Redis) -> bool:
 
 def _jobs_running(ui: str) -> int | None:
     try:
-        return httpx.get(ui + "/overview", timeout=5).json()["jobs-running"]
-    except httpx.HTTPError:  # its JVM is still starting
+        # While its JVM starts: no answer, then {"errors": [...]} until the dispatcher is up.
+        return httpx.get(ui + "/overview", timeout=5).json().get("jobs-running")
+    except httpx.HTTPError:
         return None
 
 
