@@ -51,9 +51,9 @@ from features.dsl import (
     Sum,
     Window,
 )
+from streaming.aggregates import HOUR_MS
 
 COMPILED = (Count, Sum, Mean, Min, Max, DistinctCount)
-HOUR_MS = 3_600_000
 EVENT_COLUMNS = (("event_id", "STRING"), ("user_id", "STRING"), ("item_id", "STRING"), ("behavior", "STRING"),
                  ("ts", "BIGINT"), ("category_id", "STRING"))
 
@@ -94,6 +94,11 @@ def _string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _accept(d: Feature) -> str | None:
+    """The condition on a record's behavior, None for every behavior."""
+    return f"behavior IN ({', '.join(_string(b) for b in d.behaviors)})" if d.behaviors else None
+
+
 @dataclass(frozen=True)
 class _Shape:
     """A window as panes: which pane column it uses, how many panes it spans."""
@@ -114,7 +119,7 @@ class _Part:
         agg = d.aggregation
         self.kind = type(agg).__name__.lower()
         self.sql_type = "BIGINT" if isinstance(agg, Count) else "DOUBLE"
-        accept = (f"behavior IN ({', '.join(_string(b) for b in d.behaviors)})" if d.behaviors else None)
+        accept = _accept(d)
         if isinstance(agg, Count):
             value = "CAST(1 AS BIGINT)"
         elif isinstance(agg.of, dict):
@@ -161,7 +166,7 @@ class _Distinct:
         self.d, self.y = d, f"y{i}"
         shape = _Shape.of(d.window)
         self.slide, self.panes = shape.slide_ms, shape.panes
-        self.accept = (f"behavior IN ({', '.join(_string(b) for b in d.behaviors)})" if d.behaviors else None)
+        self.accept = _accept(d)
         # Events carry "" for no category (streaming/aggregates.py counts it as a value); the file reads it as NULL.
         self.input = f"COALESCE({name(d.aggregation.of)}, '')"
 
