@@ -240,7 +240,8 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
                             "is marked done, so running the same command again redoes it") from None
     log(f"the batch job took {time.monotonic() - started:.0f}s")
     for q in queries:
-        batch.write_compiled(out / q.kind.name, q.columns, list(q.kind.join_keys), files, q.lists)
+        rows = batch.write_compiled(out / q.kind.name, q.columns, list(q.kind.join_keys), files, q.lists)
+        log(f"{q.kind.name}: {rows:,} rows of the compiled definitions written")
 
 
 @dataclass

@@ -4,13 +4,15 @@
       -> parse + validate (bad or too-late events -> DLQ topic, with the reason)
       -> key by user: drop duplicates; recent counts, last-N views, top categories   (user_recent)
            |-> each new event -> key by item: views/carts/buys, buy rate           (item_recent)
-           |                                   -> one global key: trending lists, overall and
-           |                                      per category                  (trending)
+           |      -> key by category shard: per-category trending lists, partial global lists
+           |         -> one key, a row per shard per 200 ms: the global list       (trending)
            '-> co-visit pairs -> key by item: top neighbours                       (item_covisit)
       -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
       -> every feature row to the feature-log topic (the offline store's input)
     item_recent also hands each event, with the user's and the item's features from *before*
-    it, to one training-example builder -> the examples topic (the trainer's input)
+    it, keyed by user to the training-example builders -> the examples topic (the trainer's input)
+
+No operator's per-event work sits on one key: a cluster spreads every one of them.
 
 Event time is the Kafka record timestamp (our producers set it to the event's ``ts``);
 watermarks lag the newest event by FRESHREC_OUT_OF_ORDERNESS_MS, and events older than the
@@ -81,6 +83,8 @@ from streaming.state import (
     Spec,
     Trending,
     UserState,
+    merge_partials,
+    trending_shard,
 )
 
 
@@ -223,9 +227,11 @@ class ItemFeatures(_Keyed):
 
 
 class TrainingExamples(KeyedProcessFunction):
-    """One builder for all events (a single key), so negatives are drawn from every item.
-    Its memory (the sampling pool, newest item features, views awaiting a conversion) is not
-    checkpointed: after a restore it refills from the stream; positives are unaffected."""
+    """A builder per subtask, fed keyed by user (a user's views await their conversions in one
+    builder). Negatives are drawn from the items the subtask saw: every item at parallelism 1,
+    those of its users' events above it. The builder's memory (the sampling pool, newest item
+    features, views awaiting a conversion) is not checkpointed: after a restore it refills from
+    the stream; positives are unaffected."""
 
     def __init__(self, s: Settings) -> None:
         self.settings = s
@@ -270,17 +276,30 @@ class CoVisitNeighbours(_Keyed):
         yield "item_covisit", item, st.newest, json.dumps(st.features(self.spec))
 
 
-class TrendingItems(KeyedProcessFunction):
-    """One global list (a single key), recomputed at most every 200 ms, and beside it a list per
-    item category (serving reads those of the user's top categories), sent at most once a
-    second (serving re-reads a list once a second). Item scores sit in a MapState, so an
-    update writes one entry, not the whole list; they and the small rest are kept in memory
-    too (one key: memory and state cannot diverge), the rest written back when it changes.
-    The category lists live in memory only: the scores carry each item's category, and a
-    restored job rebuilds them from those. They go to Redis from here in one MSET, not through
-    the sink's checkpointed buffer: a list lost to a failure is sent again with the category's
-    next event. (As rows through the sink, in an operator of their own or this one, they
-    took 15-25% of the job's throughput.)"""
+class _Shard:
+    """One local trending key's memory: its items' scores and its categories' lists."""
+
+    __slots__ = ("categories", "categories_sent", "last_rebuild", "sent", "trending")
+
+    def __init__(self, trending: Trending, categories: CategoryTrending) -> None:
+        self.trending, self.categories = trending, categories
+        self.last_rebuild = self.categories_sent = 0
+        self.sent: tuple[int, list[tuple[str, int, int]]] | None = None  # the partial last sent on
+
+
+class LocalTrending(KeyedProcessFunction):
+    """Trending, phase one, keyed by :func:`trending_shard`: the shard's items ranked by their
+    events in the window, sent on as a partial list at most every 200 ms, and the lists of the
+    shard's categories (each whole in one shard), sent at most once a second (serving re-reads
+    a list once a second).
+
+    Item scores are the only state: a MapState, so an update writes one entry. They are kept
+    in memory too, per shard (a key's state is only touched while it is the current key, so
+    memory and state cannot diverge). What derives from them is memory only, and a restored
+    shard derives it again: its newest event, its candidates and its category lists. The
+    category lists go to Redis from here in one MSET, not through the sink's checkpointed
+    buffer: a list lost to a failure is sent again with the category's next event. (As rows
+    through the sink they took 15-25% of the job's throughput.)"""
 
     EVERY_MS = 200
     CATEGORIES_EVERY_MS = 1000
@@ -294,54 +313,55 @@ class TrendingItems(KeyedProcessFunction):
     def open(self, runtime_context: RuntimeContext) -> None:
         self.scores = runtime_context.get_map_state(
             MapStateDescriptor("scores", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-        self.meta = runtime_context.get_state(ValueStateDescriptor("meta", Types.PICKLED_BYTE_ARRAY()))
         import redis
 
         self.client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
-        self.trending: Trending | None = None
-        self.categories = CategoryTrending()
+        self.shards: dict[int, _Shard] = {}
         self.ticks = Ticks(self.EVERY_MS)
-        self.last_rebuild = self.categories_sent = 0
 
-    def load(self) -> Trending:
-        if self.trending is None:  # first call after open(): read what a checkpoint restored
-            self.trending = Trending(ScoreMap(self.scores))
-            self.trending.candidates, self.trending.newest, self.trending.dirty = self.meta.value() or ({}, 0, True)
-            if self.category_size:
-                self.categories = CategoryTrending.restore(self.trending.scores, self.category_size)
-        return self.trending
-
-    def save(self, t: Trending) -> None:
-        self.meta.update((t.candidates, t.newest, t.dirty))
+    def load(self, key: int) -> _Shard:
+        shard = self.shards.get(key)
+        if shard is None:  # the key's first call after open(): rebuild from what a checkpoint restored
+            t = Trending(ScoreMap(self.scores))
+            t.newest = max((v[1] for v in t.scores.values()), default=0)
+            t.rebuild(self.size, self.window_ms)
+            categories = (CategoryTrending.restore(t.scores, self.category_size) if self.category_size
+                          else CategoryTrending())
+            shard = self.shards[key] = _Shard(t, categories)
+        return shard
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         _, item, ts, payload = value
         doc = json.loads(payload)
-        t = self.load()
-        before = (t.newest, t.dirty, len(t.candidates), t.candidates.get(item))
         category = doc.get("category", "")
-        if t.update(item, doc["events"], ts, self.size, category=category) and category and self.category_size:
-            self.categories.update(item, category, doc["events"], ts, self.category_size)
-        if (t.newest, t.dirty, len(t.candidates), t.candidates.get(item)) != before:
-            self.save(t)
-        self.ticks.ensure(ctx, "all")
+        key = trending_shard(category, item)  # the current key, without a call into Java
+        shard = self.load(key)
+        if (shard.trending.update(item, doc["events"], ts, self.size, category=category) and category
+                and self.category_size):
+            shard.categories.update(item, category, doc["events"], ts, self.category_size)
+        self.ticks.ensure(ctx, key)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
-        self.ticks.fired("all")
-        t = self.load()
-        if t.needs_rebuild(self.window_ms) and timestamp - self.last_rebuild >= self.REBUILD_MS:
-            self.categories.forget(t.rebuild(self.size, self.window_ms))  # scans every item: rate-limited
-            self.last_rebuild = timestamp
-            self.save(t)
-        yield TRENDING_VIEW, "", t.newest, json.dumps(t.top(self.size, self.window_ms))
-        if not self.categories.touched:
+        key = ctx.get_current_key()
+        self.ticks.fired(key)
+        shard = self.load(key)
+        t = shard.trending
+        if t.needs_rebuild(self.window_ms) and timestamp - shard.last_rebuild >= self.REBUILD_MS:
+            shard.categories.forget(t.rebuild(self.size, self.window_ms))  # scans the shard: rate-limited
+            shard.last_rebuild = timestamp
+        partial = [(item, score, t.candidates[item][1]) for item, score in t.top(self.size, self.window_ms)]
+        if (t.newest, partial) != shard.sent:  # a quiet shard sends nothing
+            shard.sent = (t.newest, partial)
+            yield TRENDING_VIEW, str(key), t.newest, json.dumps(partial)
+        c = shard.categories
+        if not c.touched:
             return
-        if timestamp - self.categories_sent < self.CATEGORIES_EVERY_MS:
+        if timestamp - shard.categories_sent < self.CATEGORIES_EVERY_MS:
             # a timer for the rest, in case no event comes to set one
-            ctx.timer_service().register_processing_time_timer(self.categories_sent + self.CATEGORIES_EVERY_MS)
+            ctx.timer_service().register_processing_time_timer(shard.categories_sent + self.CATEGORIES_EVERY_MS)
             return
-        self.categories_sent = timestamp
-        c, size, window = self.categories, self.category_size, self.window_ms
+        shard.categories_sent = timestamp
+        size, window = self.category_size, self.window_ms
         due = c.due(size, window, timestamp, t.newest)
         lists = {trending_key(self.project, category): json.dumps(
             {"ts": c.lists[category].newest, "items": c.top(category, size, window)}) for category in due}
@@ -349,6 +369,38 @@ class TrendingItems(KeyedProcessFunction):
             self.client.mset(lists)
         except (OSError, RedisConnectionError, RedisTimeoutError):  # sent again once Redis is back
             c.touched.update(due)
+
+
+class TrendingMerge(KeyedProcessFunction):
+    """Trending, phase two: the global list, the top of the shards' partial lists (their items
+    are disjoint, so the top of the union is the top of all). A global list is one list, so
+    this is one key; its input is at most one row per shard per 200 ms, whatever the traffic.
+    An item that changed category can be in two shards for a window: its newest score counts."""
+
+    def __init__(self, s: Settings) -> None:
+        self.window_ms, self.size = s.window_seconds * 1000, s.trending_size
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.partials = runtime_context.get_map_state(
+            MapStateDescriptor("partials", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
+        self.memory: dict[str, tuple[int, list[tuple[str, int, int]]]] | None = None
+        self.ticks = Ticks(LocalTrending.EVERY_MS)
+
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        _, shard, newest, payload = value
+        if self.memory is None:  # the first call after open(): read what a checkpoint restored
+            self.memory = dict(self.partials.items())
+        partial = (newest, [tuple(entry) for entry in json.loads(payload)])
+        if self.memory.get(shard) != partial:
+            self.memory[shard] = partial
+            self.partials.put(shard, partial)
+            self.ticks.ensure(ctx, TRENDING_VIEW)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
+        self.ticks.fired(TRENDING_VIEW)
+        assert self.memory is not None  # a timer is set only by process_element
+        newest, top = merge_partials(self.memory.values(), self.size, self.window_ms)
+        yield TRENDING_VIEW, "", newest, json.dumps(top)
 
 
 class FeastSink(KeyedProcessFunction):
@@ -480,14 +532,17 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     new_events = users.get_side_output(NEW_EVENTS)
     items = (new_events.key_by(lambda e: e[2], key_type=Types.STRING())
              .process(ItemFeatures(s), output_type=ROW).name("item_recent").uid("item_recent"))
-    examples = (items.get_side_output(EXAMPLE_INPUTS).key_by(lambda e: "all", key_type=Types.STRING())
+    examples = (items.get_side_output(EXAMPLE_INPUTS).key_by(lambda e: e[1], key_type=Types.STRING())
                 .process(TrainingExamples(s), output_type=Types.STRING()).name("training_examples")
                 .uid("training_examples"))
     examples.sink_to(kafka_sink(s, examples_topic(s))).name("examples").uid("examples")
     covisit = (users.get_side_output(PAIRS).key_by(lambda p: p[0], key_type=Types.STRING())
                .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit").uid("item_covisit"))
-    trending = (items.key_by(lambda r: "all", key_type=Types.STRING())
-                .process(TrendingItems(s), output_type=ROW).name("trending").uid("trending"))
+    partials = (items.key_by(lambda r: trending_shard(json.loads(r[3]).get("category", ""), r[1]),
+                             key_type=Types.INT())
+                .process(LocalTrending(s), output_type=ROW).name("trending_local").uid("trending_local"))
+    trending = (partials.key_by(lambda r: r[0], key_type=Types.STRING())
+                .process(TrendingMerge(s), output_type=ROW).name("trending").uid("trending_merge"))
     write_rows(s, [users, items, covisit, trending])
 
 

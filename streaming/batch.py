@@ -146,7 +146,7 @@ def write_compiled(csv_dir: Path, columns: list[tuple[str, str]], keys: list[str
     for n, f in enumerate(files):
         t = csv.read_csv(f, read_options=csv.ReadOptions(column_names=names),
                          parse_options=csv.ParseOptions(delimiter="\t", quote_char=False),
-                         convert_options=csv.ConvertOptions(column_types={c: types[t] for c, t in columns},
+                         convert_options=csv.ConvertOptions(column_types={c: types[kind] for c, kind in columns},
                                                             null_values=[""], strings_can_be_null=False))
         for day_start, (lo, hi) in layout.bounds.items():
             part = t.filter(pc.and_(pc.greater_equal(t["ts"], lo), pc.less(t["ts"], hi)))

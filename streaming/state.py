@@ -28,6 +28,7 @@ implementation.
 from __future__ import annotations
 
 import heapq
+import zlib
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -313,6 +314,10 @@ def _by_score(kv: tuple[str, tuple[int, int]]) -> tuple[int, str]:
     return -kv[1][0], kv[0]
 
 
+def _by_fewest(kv: tuple[str, tuple[int, int]]) -> tuple[int, str]:
+    return kv[1][0], kv[0]
+
+
 class Trending:
     """Items ranked by their events in the window, as of each item's newest event.
 
@@ -328,13 +333,16 @@ class Trending:
     [('b', 5), ('a', 4)]
     """
 
-    __slots__ = ("candidates", "dirty", "newest", "scores")
+    __slots__ = ("candidates", "dirty", "floor", "newest", "scores")
 
     def __init__(self, scores: ScoreMap) -> None:
         self.scores = scores  # item -> (events in window, newest ts)
         self.candidates: dict[str, tuple[int, int]] = {}
         self.newest = 0
         self.dirty = False
+        # At most the candidates' fewest events (None: unknown), so that most updates of items
+        # outside them cost no scan; a candidate that gains may leave it below the true minimum.
+        self.floor: int | None = None
 
     def update(self, item: str, events: int, ts: int, k: int, slack: int = 2, category: str = "") -> bool:
         """False for a value older than the item's last (rows may arrive out of order); a
@@ -344,20 +352,28 @@ class Trending:
             return False
         self.scores.put(item, (events, ts, category) if category else (events, ts))
         self.newest = max(self.newest, ts)
-        if item in self.candidates:
-            self.dirty |= events < self.candidates[item][0]
-            self.candidates[item] = (events, ts)
-        elif len(self.candidates) < slack * k or events > min(v[0] for v in self.candidates.values()):
-            self.candidates[item] = (events, ts)
-            if len(self.candidates) > slack * k:
-                del self.candidates[min(self.candidates, key=lambda i: (self.candidates[i][0], i))]
+        candidates = self.candidates
+        if item in candidates:
+            if events < candidates[item][0]:
+                self.dirty, self.floor = True, None
+            candidates[item] = (events, ts)
+        elif len(candidates) < slack * k:
+            candidates[item] = (events, ts)
+            self.floor = None
+        else:
+            if self.floor is None:
+                self.floor = min(v[0] for v in candidates.values())
+            if events > self.floor:  # then one leaves: the fewest events (ties: the smaller id)
+                candidates[item] = (events, ts)
+                (out, _), (_, (self.floor, _)) = heapq.nsmallest(2, candidates.items(), key=_by_fewest)
+                del candidates[out]
         return True
 
     def remove(self, item: str) -> None:
         if item in self.scores:
             self.scores.remove(item)
         if self.candidates.pop(item, None) is not None:
-            self.dirty = True  # its place goes to an item outside the candidates: a rebuild finds it
+            self.dirty, self.floor = True, None  # its place goes to an item outside them: a rebuild finds it
 
     def rebuild(self, k: int, window_ms: int, slack: int = 2) -> list[str]:
         """Scan every score: forget items gone quiet (returned), pick the candidates afresh."""
@@ -372,7 +388,7 @@ class Trending:
                 live[item] = value[:2]
         best = heapq.nsmallest(slack * k, live.items(), key=_by_score)
         self.candidates = dict(best)
-        self.dirty = False
+        self.dirty, self.floor = False, None
         return quiet
 
     def needs_rebuild(self, window_ms: int) -> bool:
@@ -386,6 +402,39 @@ class Trending:
         live = [kv for kv in self.candidates.items() if kv[1][1] > horizon]
         ranked = sorted(live, key=_by_score)[:k]
         return [(item, score) for item, (score, _) in ranked]
+
+
+TRENDING_SHARDS = 16  # the local phase's keys: fixed, so a checkpoint restores at any parallelism up to it
+
+
+def trending_shard(category: str, item: str) -> int:
+    """The key of trending's local phase: a category's items share one, so its list is whole
+    there; items without a category spread by id. crc32, not hash(): keys survive a restart.
+
+    >>> trending_shard("shoes", "a") == trending_shard("shoes", "b")
+    True
+    """
+    return zlib.crc32((category or "\x00" + item).encode()) % TRENDING_SHARDS
+
+
+def merge_partials(partials: Iterable[tuple[int, list[tuple[str, int, int]]]], k: int,
+                   window_ms: int) -> tuple[int, list[tuple[str, int]]]:
+    """Trending's global phase: the top ``k`` of the shards' lists ``(newest, [(item, events,
+    ts)])``, with the newest event of all. Shards hold disjoint items, so the top of their tops
+    is the top of all; an item met twice (it changed category) counts with its newest score.
+
+    >>> merge_partials([(40, [("a", 4, 40), ("c", 1, 30)]), (20, [("b", 5, 20), ("a", 3, 10)])], 2, 100)
+    (40, [('b', 5), ('a', 4)])
+    """
+    partials = list(partials)
+    newest = max((n for n, _ in partials), default=0)
+    best: dict[str, tuple[int, int]] = {}
+    for _, entries in partials:
+        for item, events, ts in entries:
+            if ts > newest - window_ms and ts >= best.get(item, (0, -1))[1]:
+                best[item] = (events, ts)
+    top = heapq.nsmallest(k, best.items(), key=_by_score)
+    return newest, [(item, events) for item, (events, _) in top]
 
 
 class CategoryTrending:

@@ -1,7 +1,8 @@
 """The feature job runs unchanged on a Flink cluster: submitted by `freshrec deploy --submit`
 to a standalone JobManager + TaskManager (streaming/standalone.py, the docker-compose path
 without docker), its features equal counts computed independently; a second submission
-after a cancel runs in the same TaskManager (flink-python in lib/)."""
+after a cancel runs in the same TaskManager (flink-python in lib/); and at parallelism 2 it
+writes the features it writes at parallelism 1 (no operator's work sits on one key)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ import redis
 
 from connectors.feast_redis import FeastRedisReader
 from features.definitions import FEATURE_VIEWS
+from features.dsl import trending_key
 from freshrec.config import Settings
 from streaming.standalone import StandaloneCluster, start_standalone_cluster
 from streaming.state import Spec
 from tests.conftest import wait_until
-from tests.expected import user_features
+from tests.expected import item_features, user_features
 from tests.test_pipeline import generated, produce
 
 
 @pytest.fixture(scope="module")
 def cluster(workdir: Path) -> Iterator[StandaloneCluster]:
-    c = start_standalone_cluster(workdir / "flink-cluster")
+    c = start_standalone_cluster(workdir / "flink-cluster", slots=2)
     yield c
     c.stop()
 
@@ -83,3 +85,80 @@ def test_job_runs_unchanged_on_a_cluster(cluster: StandaloneCluster,
     want2 = [user_features(second, u, Spec.of(s))["views"] for u in users2]
     wait_until(lambda: [(r or {}).get("views") for r in reader.read([("user_recent", u) for u in users2])] == want2,
                90, "the resubmitted job's features")
+
+
+def cancel_running(c: StandaloneCluster) -> None:
+    for job in rest(c, "/jobs")["jobs"]:
+        if job["status"] == "RUNNING":
+            rest(c, f"/jobs/{job['id']}?mode=cancel", "PATCH")
+            wait_until(lambda j=job["id"]: rest(c, f"/jobs/{j}")["state"] == "CANCELED", 60, "the cancel")
+
+
+def features(s: Settings, users: list[str], items: list[str], categories: list[str]) -> dict[str, object]:
+    """Everything the feature job wrote for these entities, as serving reads it."""
+    reader = FeastRedisReader(redis.Redis.from_url(s.redis_url), s.feast_project, FEATURE_VIEWS)
+    client = redis.Redis.from_url(s.redis_url)
+    rows = reader.read([("user_recent", u) for u in users] + [(v, i) for v in ("item_recent", "item_covisit")
+                                                              for i in items])
+    lists = client.mget([trending_key(s.feast_project, c) for c in ["", *categories]])
+    return {"rows": rows, "trending": [json.loads(raw)["items"] if raw else None for raw in lists]}
+
+
+def test_parallelism_two_writes_the_features_of_parallelism_one(cluster: StandaloneCluster,
+                                                                 make_settings: Callable[[str], Settings]) -> None:
+    wait_until(lambda: taskmanagers(cluster) == 1, 120, "a TaskManager to register")
+    cancel_running(cluster)  # two slots: this test's jobs, one at a time
+    one, two = (make_settings(f"clp{p}").replace(flink_jobmanager=cluster.address, flink_mode="cluster",
+                                                 features="features.none", parallelism=p) for p in (1, 2))
+    two = two.replace(events_topic=one.events_topic, dlq_topic=one.dlq_topic)  # one log, two projects
+    events = generated("clp-", 400, seed=23, n_categories=12)  # trending's keys: a category's items share one
+    produce(one, events)
+    users, items = sorted({e.user_id for e in events}), sorted({e.item_id for e in events})
+    categories = sorted({e.category_id for e in events if e.category_id})
+    assert len(categories) > 1
+
+    submit(cluster, one)
+    spec = Spec.of(one)
+    want = [user_features(events, u, spec)["views"] for u in users] + [
+        item_features(events, i, spec)["events"] for i in items]
+
+    def counted() -> bool:
+        rows = features(one, users, items, categories)["rows"]
+        return [(r or {}).get("views") for r in rows[:len(users)]] + [
+            (r or {}).get("events") for r in rows[len(users):len(users) + len(items)]] == want
+
+    wait_until(counted, 90, "parallelism 1's features to count every event")
+    # co-visitation and the trending lists follow on their flush ticks: wait until they hold still
+    previous: list[dict[str, object]] = [{}]
+
+    def still() -> dict[str, object] | None:
+        now = features(one, users, items, categories)
+        same, previous[0] = now == previous[0], now
+        return now if same and all(now["trending"]) else None
+
+    expected = wait_until(still, 60, "parallelism 1's features to settle", every=2.0)
+    cancel_running(cluster)
+
+    job = submit(cluster, two)
+    vertices = {v["name"]: v["parallelism"] for v in rest(cluster, f"/jobs/{job}")["vertices"]}
+    assert set(vertices.values()) == {2}, vertices
+    try:
+        wait_until(lambda: features(two, users, items, categories) == expected, 120,
+                   "parallelism 2's features to equal parallelism 1's")
+    except AssertionError:
+        assert features(two, users, items, categories) == expected  # pytest shows where they differ
+    # and the work spread: both subtasks of every operator had records (a constant key sends all
+    # to one), but the global trending list's merge, which gets a row per shard and tick
+    def records() -> dict[str, list[int]]:  # Flink's REST metrics lag a few seconds
+        vertices = [v for v in rest(cluster, f"/jobs/{job}")["vertices"] if not v["name"].startswith("Source:")]
+        return {v["name"]: [t["metrics"]["read-records"]
+                            for t in rest(cluster, f"/jobs/{job}/vertices/{v['id']}")["subtasks"]] for v in vertices}
+
+    def spread() -> bool:
+        return all(min(counts) > 0 for name, counts in records().items() if name != "trending")
+
+    try:
+        wait_until(spread, 30, "records in both subtasks of every operator")
+    except AssertionError:
+        assert not records()  # pytest shows each operator's records per subtask
+    cancel_running(cluster)

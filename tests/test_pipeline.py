@@ -28,10 +28,10 @@ def produce(settings: Settings, events: list[BehaviorEvent]) -> None:
             p.send_valid(e)
 
 
-def generated(prefix: str, n: int, seed: int, n_users: int = 25) -> list[BehaviorEvent]:
+def generated(prefix: str, n: int, seed: int, n_users: int = 25, n_categories: int = 4) -> list[BehaviorEvent]:
     out = []
     start = int(time.time() * 1000) - 600_000  # recent, so later tests' events are not "late"
-    for raw in simulate(n, n_users=n_users, n_items=60, n_categories=4, seed=seed, events_per_second=2.0,
+    for raw in simulate(n, n_users=n_users, n_items=60, n_categories=n_categories, seed=seed, events_per_second=2.0,
                         start_ms=start):
         raw.update(user_id=f"{prefix}u{raw['user_id']}", item_id=f"{prefix}i{raw['item_id']}",
                    event_id=f"{prefix}{raw['event_id']}")

@@ -23,6 +23,8 @@ from streaming.state import (
     Spec,
     Trending,
     UserState,
+    merge_partials,
+    trending_shard,
 )
 
 NOW = 1_800_000_000_000
@@ -156,6 +158,27 @@ def test_category_trending_matches_a_full_ranking_and_restores_from_the_global_s
                 want = sorted(live, key=lambda iv: (-iv[1], iv[0]))[:5]
                 assert by_category.top(c, 5, window_ms=600) == want
                 assert restored.top(c, 5, window_ms=600) == want
+
+
+def test_trending_in_shards_then_merged_matches_one_global_ranking() -> None:
+    rng = random.Random(4)
+    shards: dict[int, Trending] = {}
+    truth: dict[str, tuple[int, int]] = {}
+    for ts in range(2000):
+        item, events = f"i{rng.randrange(300)}", rng.randrange(1, 50)
+        category = f"c{int(item[1:]) % 9}" if int(item[1:]) % 4 else ""  # a quarter have none
+        shards.setdefault(trending_shard(category, item), Trending(ScoreMap())).update(item, events, ts, k=10)
+        if item not in truth or ts >= truth[item][1]:
+            truth[item] = (events, ts)
+        if ts % 97 == 0:
+            partials = []
+            for t in shards.values():
+                t.rebuild(10, window_ms=500)
+                partials.append((t.newest, [(i, e, t.candidates[i][1]) for i, e in t.top(10, window_ms=500)]))
+            live = {i: v for i, v in truth.items() if v[1] > ts - 500}
+            want = sorted(live.items(), key=lambda kv: (-kv[1][0], kv[0]))[:10]
+            assert merge_partials(partials, 10, window_ms=500) == (ts, [(i, v[0]) for i, v in want])
+    assert len(shards) > 4  # the load spreads: categories and uncategorised items over several keys
 
 
 def test_trending_candidates_match_a_full_ranking() -> None:
