@@ -386,21 +386,26 @@ class TrendingMerge(KeyedProcessFunction):
         self.memory: dict[str, tuple[int, list[tuple[str, int, int]]]] | None = None
         self.ticks = Ticks(LocalTrending.EVERY_MS)
 
-    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        _, shard, newest, payload = value
+    def load(self) -> dict[str, tuple[int, list[tuple[str, int, int]]]]:
         if self.memory is None:  # the first call after open(): read what a checkpoint restored
             self.memory = dict(self.partials.items())
+        return self.memory
+
+    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        _, shard, newest, payload = value
+        memory = self.load()
         partial = (newest, [tuple(entry) for entry in json.loads(payload)])
-        if self.memory.get(shard) != partial:
-            self.memory[shard] = partial
+        if memory.get(shard) != partial:
+            memory[shard] = partial
             self.partials.put(shard, partial)
             self.ticks.ensure(ctx, TRENDING_VIEW)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
         self.ticks.fired(TRENDING_VIEW)
-        assert self.memory is not None  # a timer is set only by process_element
-        newest, top = merge_partials(self.memory.values(), self.size, self.window_ms)
-        yield TRENDING_VIEW, "", newest, json.dumps(top)
+        memory = self.load()  # a restored timer can fire before any row comes
+        if memory:
+            newest, top = merge_partials(memory.values(), self.size, self.window_ms)
+            yield TRENDING_VIEW, "", newest, json.dumps(top)
 
 
 class FeastSink(KeyedProcessFunction):
