@@ -143,17 +143,19 @@ class RequestPath:
         self._trending_read = -TRENDING_MAX_AGE_S
         self.category_lists: dict[str, tuple[float, list[str]]] = {}  # category -> (read at, its items)
         self.down_until = 0.0  # Redis failed: answer degraded until then without trying it
+        self.down_reason = ""  # and why, for those answers too (another request may have met it)
         self.newest_feature_ms = 0  # event time of the newest feature value seen (for /metrics)
 
     def recommend(self, user_id: str, k: int, context: Context = Context(), pinned: int | None = None) -> Answer:
         clock = _Clock()
         choice = self.models.choose(user_id, pinned)  # UnknownVersion for a bad pin: the app's 404
         if time.monotonic() < self.down_until:
-            return self._fallback(user_id, k, context, choice, "online store unavailable (retrying shortly)", clock)
+            return self._fallback(user_id, k, context, choice,
+                                  f"online store unavailable: {self.down_reason} (retrying shortly)", clock)
         try:
             return self._recommend(user_id, k, context, choice, clock)
         except redis.RedisError as exc:
-            self.down_until = time.monotonic() + BREAKER_S
+            self.down_until, self.down_reason = time.monotonic() + BREAKER_S, str(exc)
             return self._fallback(user_id, k, context, choice, f"online store unavailable: {exc}", clock)
 
     def _recommend(self, user_id: str, k: int, context: Context, choice: Choice | None, clock: _Clock) -> Answer:
