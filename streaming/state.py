@@ -289,9 +289,10 @@ class Neighbours:
 class ScoreMap(dict):
     """Scores in memory, written through to a Flink ``MapState`` when given one.
 
-    The trending operator has a single key, so memory and state cannot diverge: reads and a
-    rebuild's full scan stay in Python (a scan of the MapState crosses into Java once per
-    item and stalled the job for seconds), and a restored job reloads the state once.
+    One per trending shard: a key's state is only touched while it is the current key, so
+    memory and state cannot diverge. Reads and a rebuild's full scan stay in Python (a scan of
+    the MapState crosses into Java once per item and stalled the job for seconds), and a
+    restored shard reloads its state once.
     """
 
     def __init__(self, backing: Any = None) -> None:
