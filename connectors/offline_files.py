@@ -45,3 +45,22 @@ def write_table(root: Path, view: str, day: str, name: str, table: pa.Table) -> 
     tmp = folder / f".{name}.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.rename(folder / f"{name}.parquet")
+
+
+def conform(root: Path, view: str, schema: pa.Schema) -> int:
+    """Rewrite the view's files written under an older schema (e.g. counts that became floats)
+    in the one declared now, so a reader over the whole folder meets one schema; returns how
+    many files it rewrote. A file that cannot be cast stays as it is, and the error says which."""
+    rewritten = 0
+    for path in sorted((root / view).glob("date=*/*.parquet")):
+        if pq.read_schema(path).remove_metadata().equals(schema):
+            continue
+        try:
+            table = pq.read_table(path, partitioning=None).select(schema.names).cast(schema)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            was = ", ".join(f"{f.name}: {f.type}" for f in pq.read_schema(path))
+            raise ValueError(f"{path}: written as ({was}), cannot be read in the view's schema now ({exc}); "
+                             "move the file away or convert it") from None
+        write_table(root, view, path.parent.name.removeprefix("date="), path.stem, table)
+        rewritten += 1
+    return rewritten

@@ -36,7 +36,7 @@ from kafka.errors import KafkaError
 
 from connectors.kafka import consumer
 from connectors.log_epoch import EpochWatch
-from connectors.offline_files import records, write_part
+from connectors.offline_files import conform, records, write_part
 from features.registry import all_views
 from features.store import repo_dir
 from freshrec.config import Settings
@@ -70,6 +70,9 @@ class OfflineWriter:
         views = all_views(settings)
         self.keys = {v.name: join_keys(v) for v in views}
         self.schemas = {v.name: arrow_schema(v) for v in views}
+        for name, schema in self.schemas.items():
+            if n := conform(self.root, name, schema):
+                log(f"rewrote {n} Parquet files of {name} in its current schema")
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.consumer: KafkaConsumer | None = None  # opened by run(), once the log epoch is known
         # (view, date) -> rows

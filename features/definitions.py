@@ -73,11 +73,13 @@ item_covisit = FeatureView(
     schema=[
         Field(name="item_id", dtype=String),
         Field(name="neighbours", dtype=Array(String), description="items viewed close in time by the same users"),
-        Field(name="neighbour_counts", dtype=Array(Int64), description="co-visit counts, aligned with neighbours"),
+        Field(name="neighbour_counts", dtype=Array(Float64),
+              description="co-visit counts, each halved per FRESHREC_COVISIT_HALF_LIFE_SECONDS since it happened, "
+                          "as of the item's newest co-visit; aligned with neighbours"),
     ],
     source=_offline("item_covisit"),
     owner="recsys@freshrec",
-    description="Item-to-item co-visitation within FRESHREC_COVISIT_GAP_SECONDS, counted over the covisit window.",
+    description="Item-to-item co-visitation within FRESHREC_COVISIT_GAP_SECONDS, fading with event time.",
     tags={"team": "recsys", "job": "feature_job"},
 )
 

@@ -25,6 +25,16 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the variable and the fix."""
 
 
+# Variables that no longer mean anything, and what replaced them: a deployment that still sets
+# one is told, rather than silently running with a default.
+RETIRED = {
+    "FRESHREC_COVISIT_WINDOW_SECONDS": "co-visitation counts fade instead of leaving a window: "
+                                       "set FRESHREC_COVISIT_HALF_LIFE_SECONDS",
+    "FRESHREC_COVISIT_PANE_SECONDS": "co-visitation counts fade instead of leaving a window: "
+                                     "set FRESHREC_COVISIT_HALF_LIFE_SECONDS",
+}
+
+
 def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
@@ -48,8 +58,10 @@ class Settings:
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))
     top_categories: int = field(default=3, metadata=_doc("categories kept in a user's top list"))
     covisit_gap_seconds: int = field(default=1800, metadata=_doc("views closer than this co-visit"))
-    covisit_window_seconds: int = field(default=86400, metadata=_doc("window of co-visitation counts"))
-    covisit_pane_seconds: int = field(default=3600, metadata=_doc("the co-visit window slides in these steps"))
+    covisit_half_life_seconds: int = field(default=3650 * 86400, metadata=_doc(
+        "a co-visit counts half as much after this much event time (0: never fades)"))
+    covisit_kept: int = field(default=100, metadata=_doc("co-visit partners an item keeps counting (the "
+                                                         "weakest go beyond twice this)"))
     covisit_max_views: int = field(default=50, metadata=_doc("recent views per user kept for pairing"))
     covisit_top_k: int = field(default=20, metadata=_doc("neighbours kept per item"))
     trending_size: int = field(default=100, metadata=_doc("items kept in the trending list"))
@@ -101,6 +113,9 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         env = os.environ if env is None else env
+        for name, instead in RETIRED.items():
+            if name in env:
+                raise ConfigError(f"{name} is no longer used ({instead}); unset it")
         values: dict[str, object] = {}
         for f in fields(cls):
             name = "FRESHREC_" + f.name.upper()
@@ -127,26 +142,23 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_pane_seconds",
-                    "covisit_max_views", "last_n", "covisit_gap_seconds", "covisit_window_seconds",
-                    "covisit_top_k", "trending_size", "checkpoint_interval_ms", "broker_check_ms", "parallelism",
-                    "fetch_wait_ms", "sink_flush_ms", "sink_batch_rows", "attribution_seconds", "min_count",
-                    "param_ttl_seconds", "embedding_rows", "publish_interval_ms", "snapshot_interval_seconds",
-                    "model_poll_ms", "api_workers", "redis_timeout_ms")
+        positive = ("partitions", "window_seconds", "window_pane_seconds", "covisit_kept", "covisit_max_views",
+                    "last_n", "covisit_gap_seconds", "covisit_top_k", "trending_size", "checkpoint_interval_ms",
+                    "broker_check_ms", "parallelism", "fetch_wait_ms", "sink_flush_ms", "sink_batch_rows",
+                    "attribution_seconds", "min_count", "param_ttl_seconds", "embedding_rows", "publish_interval_ms",
+                    "snapshot_interval_seconds", "model_poll_ms", "api_workers", "redis_timeout_ms")
         if not 0 <= self.catalogue_nice <= 19:
             raise ConfigError(f"FRESHREC_CATALOGUE_NICE={self.catalogue_nice} must be between 0 and 19")
-        for name in ("item_cache_ms", "category_trending_size", "flink_rest_port"):
+        for name in ("item_cache_ms", "category_trending_size", "flink_rest_port", "covisit_half_life_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be 0 or more")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be greater than 0")
-        for window, pane in (("window_seconds", "window_pane_seconds"),
-                             ("covisit_window_seconds", "covisit_pane_seconds")):
-            if getattr(self, window) % getattr(self, pane):
-                raise ConfigError(f"FRESHREC_{window.upper()}={getattr(self, window)} is not a multiple of "
-                                  f"FRESHREC_{pane.upper()}={getattr(self, pane)}; make the window a whole "
-                                  "number of panes")
+        if self.window_seconds % self.window_pane_seconds:
+            raise ConfigError(f"FRESHREC_WINDOW_SECONDS={self.window_seconds} is not a multiple of "
+                              f"FRESHREC_WINDOW_PANE_SECONDS={self.window_pane_seconds}; make the window a whole "
+                              "number of panes")
         from connectors.schema import BEHAVIORS
 
         unknown = [b for b in self.positive_behaviors if b not in BEHAVIORS]

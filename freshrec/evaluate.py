@@ -211,6 +211,7 @@ class Evaluation:
         self.batch = BatchExamples(ExampleBuilder(seed=seed), self.spec)
         self.views: dict[str, RecentViews] = {}
         self.neighbours: dict[str, Neighbours] = {}
+        self.rows: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, set[str]] = defaultdict(set)
         self.popularity = SlidingPopularity(self.spec.window_ms)
         self.by_category = CategoryPopularity(self.spec.window_ms)
@@ -225,9 +226,16 @@ class Evaluation:
         self.scores = Scores()
 
     # -- the methods' top lists ----------------------------------------------------------------
+    def _row(self, item: str) -> dict[str, Any]:
+        """The item's co-visitation row, as the job writes it (kept until a pair changes it)."""
+        row = self.rows.get(item)
+        if row is None:
+            row = self.rows[item] = self.neighbours[item].features(self.spec) if item in self.neighbours else {}
+        return row
+
     def _knn(self, recent: list[str]) -> list[str]:
         anchors = recent[:self.policy.anchors]
-        rows = [self.neighbours[i].features(self.spec) if i in self.neighbours else {} for i in anchors]
+        rows = [self._row(i) for i in anchors]
         ranked = rank([r.get("neighbours", []) for r in rows], [r.get("neighbour_counts", []) for r in rows], [],
                       k=100, recent=anchors)
         return [i for i, _, _ in ranked]
@@ -305,6 +313,7 @@ class Evaluation:
         if ev.behavior == "view":
             for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
                 self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
+                self.rows.pop(a, None)
         self.popularity.add(ev.item_id, ev.ts)
         self.by_category.add(e.category_id, ev.item_id, ev.ts)
         self.seen[ev.user_id].add(ev.item_id)

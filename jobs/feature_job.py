@@ -264,10 +264,10 @@ class CoVisitNeighbours(_Keyed):
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         item, others, stamps = value
         st: Neighbours = self.load()
-        added = [st.add(other, ts, self.spec) for other, ts in zip(others, stamps, strict=True)]
-        if any(added):
-            self.state.update(st)
-            self.ticks.ensure(ctx, item)
+        for other, ts in zip(others, stamps, strict=True):
+            st.add(other, ts, self.spec)
+        self.state.update(st)
+        self.ticks.ensure(ctx, item)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
         item = ctx.get_current_key()

@@ -64,8 +64,8 @@ class Spec(NamedTuple):
     covisit_gap_ms: int = 1_800_000
     covisit_keep_ms: int = 2_400_000
     covisit_max_views: int = 50
-    covisit_window_ms: int = 86_400_000
-    covisit_pane_ms: int = 3_600_000
+    covisit_half_life_ms: int = 3650 * 86_400_000  # 0: counts never fade
+    covisit_kept: int = 100
     covisit_top_k: int = 20
 
     @classmethod
@@ -80,8 +80,8 @@ class Spec(NamedTuple):
             # Views a late event could still pair with.
             covisit_keep_ms=s.covisit_gap_seconds * 1000 + s.allowed_lateness_ms,
             covisit_max_views=s.covisit_max_views,
-            covisit_window_ms=s.covisit_window_seconds * 1000,
-            covisit_pane_ms=s.covisit_pane_seconds * 1000,
+            covisit_half_life_ms=s.covisit_half_life_seconds * 1000,
+            covisit_kept=s.covisit_kept,
             covisit_top_k=s.covisit_top_k,
         )
 
@@ -269,21 +269,63 @@ class RecentViews:
 
 
 class Neighbours:
-    """Co-visitation counts of one item with others, within the co-visit window."""
+    """Co-visitation scores of one item with others, fading with event time instead of leaving
+    a window.
 
-    __slots__ = ("counts", "newest")
+    A pair counts 1 at its time and halves every ``covisit_half_life_ms`` after, so a busy item
+    follows its trends while a rarely seen one keeps its history (a hard window forgot almost
+    everything on a log spanning years). Scores are held relative to ``ref``, a multiple of 256
+    half-lives, so they stay within float range; moving it scales them by a power of two, which
+    is exact. The value after a set of pairs is the same whatever order they came in (up to the
+    float sum's last bit; rows are rounded to 6 digits). Beyond ``2 * covisit_kept`` neighbours,
+    the weakest go down to ``covisit_kept`` (bounded state; the one place where order can matter).
+
+    >>> spec = Spec(covisit_half_life_ms=1_000, covisit_top_k=2)
+    >>> n = Neighbours()
+    >>> for other, ts in [("a", 0), ("b", 2_000), ("b", 3_000), ("a", 1_000)]:
+    ...     n.add(other, ts, spec)
+    >>> n.features(spec)  # as of the newest pair: a = 1/8 + 1/4, b = 1/2 + 1
+    {'neighbours': ['b', 'a'], 'neighbour_counts': [1.5, 0.375]}
+    """
+
+    __slots__ = ("newest", "ref", "scores")
+
+    SPAN = 256  # half-lives between two positions of ``ref``: 2**256 stays far from float overflow
 
     def __init__(self) -> None:
         self.newest = 0
-        self.counts = PaneCounts()
+        self.ref = 0
+        self.scores: dict[str, float] = {}
 
-    def add(self, other: str, ts: int, spec: Spec) -> bool:
-        self.newest = max(self.newest, ts)
-        return self.counts.add(ts, other, spec.covisit_pane_ms, spec.covisit_window_ms)
+    def __setstate__(self, state: tuple[None, dict[str, Any]]) -> None:
+        slots = state[1]
+        if "counts" in slots:  # pickled by the windowed version: its counts, as of its newest pair
+            self.newest, self.ref = slots["newest"], slots["newest"]
+            self.scores = {k: float(v) for k, v in slots["counts"].totals.items()}
+        else:
+            for name, value in slots.items():
+                setattr(self, name, value)
+
+    def add(self, other: str, ts: int, spec: Spec) -> None:
+        half_life = spec.covisit_half_life_ms
+        if ts > self.newest:
+            self.newest = ts
+            if half_life:
+                ref = ts - ts % (self.SPAN * half_life)
+                if ref != self.ref:
+                    scale = 2.0 ** ((self.ref - ref) / half_life)
+                    self.scores = {k: v * scale for k, v in self.scores.items()}
+                    self.ref = ref
+        weight = 2.0 ** ((ts - self.ref) / half_life) if half_life else 1.0
+        self.scores[other] = self.scores.get(other, 0.0) + weight
+        if len(self.scores) > 2 * spec.covisit_kept:
+            self.scores = dict(_top(self.scores, spec.covisit_kept))
 
     def features(self, spec: Spec) -> dict[str, object]:
-        top = _top(self.counts.totals, spec.covisit_top_k)
-        return {"neighbours": [i for i, _ in top], "neighbour_counts": [c for _, c in top]}
+        half_life = spec.covisit_half_life_ms
+        scale = 2.0 ** ((self.ref - self.newest) / half_life) if half_life else 1.0
+        top = _top(self.scores, spec.covisit_top_k)
+        return {"neighbours": [i for i, _ in top], "neighbour_counts": [float(f"{c * scale:.6g}") for _, c in top]}
 
 
 class ScoreMap(dict):

@@ -18,6 +18,7 @@ from streaming.state import (
     Ev,
     ItemState,
     Neighbours,
+    PaneCounts,
     RecentViews,
     ScoreMap,
     Spec,
@@ -98,6 +99,8 @@ def test_config_from_env_and_errors() -> None:
         Settings.from_env({"FRESHREC_PARTITIONS": "0"})
     with pytest.raises(ConfigError, match="hashmap or rocksdb"):
         Settings.from_env({"FRESHREC_STATE_BACKEND": "memory"})
+    with pytest.raises(ConfigError, match="FRESHREC_COVISIT_WINDOW_SECONDS is no longer used.*HALF_LIFE"):
+        Settings.from_env({"FRESHREC_COVISIT_WINDOW_SECONDS": "86400"})
     assert Settings.from_env({"FRESHREC_CATEGORY_TRENDING_SIZE": "0"}).category_trending_size == 0  # off
     with pytest.raises(ConfigError, match="FRESHREC_CATEGORY_TRENDING_SIZE=-1 must be 0 or more"):
         Settings.from_env({"FRESHREC_CATEGORY_TRENDING_SIZE": "-1"})
@@ -106,8 +109,8 @@ def test_config_from_env_and_errors() -> None:
 
 
 SPEC = Spec(window_ms=600_000, pane_ms=60_000, last_n=5, top_categories=2, dedup_ms=10**9,
-            covisit_gap_ms=60_000, covisit_keep_ms=10**9, covisit_max_views=10**6, covisit_window_ms=3_600_000,
-            covisit_pane_ms=600_000, covisit_top_k=5)
+            covisit_gap_ms=60_000, covisit_keep_ms=10**9, covisit_max_views=10**6, covisit_half_life_ms=600_000,
+            covisit_top_k=5)
 
 
 def _fold(events: list[Ev]) -> tuple:
@@ -134,6 +137,48 @@ def test_state_is_independent_of_arrival_order_and_duplicates() -> None:
     assert len(user["last_viewed_items"]) == 5
     assert ordered[1]["category"] == max((e.ts, e.category_id) for e in events)[1]  # the newest event's
     assert ordered[2], "co-visitation found no pairs in a session-structured log"
+
+
+def test_co_visits_fade_by_half_life_in_any_order_and_across_reference_moves() -> None:
+    half_life = 1_000
+    spec = SPEC._replace(covisit_half_life_ms=half_life, covisit_top_k=50, covisit_kept=50)
+    rng = random.Random(3)
+    # Over 3,000 half-lives: the scores' reference moves (every 256) and old pairs fade to nothing.
+    pairs = [(f"i{rng.randrange(30)}", rng.randrange(3_000_000)) for _ in range(2_000)]
+    newest = max(ts for _, ts in pairs)
+    want: dict[str, float] = {}
+    for other, ts in pairs:
+        want[other] = want.get(other, 0.0) + 2.0 ** ((ts - newest) / half_life)
+    results = []
+    for order in (pairs, sorted(pairs, key=lambda p: p[1]), rng.sample(pairs, len(pairs))):
+        n = Neighbours()
+        for other, ts in order:
+            n.add(other, ts, spec)
+        results.append(n.features(spec))
+    assert results[0] == results[1] == results[2]
+    got = dict(zip(results[0]["neighbours"], results[0]["neighbour_counts"], strict=True))
+    assert got.keys() == {k for k, v in want.items() if float(f"{v:.6g}")}
+    assert all(abs(got[k] - want[k]) <= 1e-5 * want[k] for k in got)
+
+
+def test_co_visits_keep_bounded_state_and_read_a_windowed_checkpoint() -> None:
+    spec = SPEC._replace(covisit_kept=10, covisit_half_life_ms=0)  # 0: counts never fade
+    n = Neighbours()
+    for i in range(100):
+        for _ in range(100 - i):
+            n.add(f"i{i:03}", i, spec)
+    assert len(n.scores) <= 20
+    assert n.features(spec)["neighbours"][:3] == ["i000", "i001", "i002"]
+    # State pickled by the windowed Neighbours: its totals count as co-visits at its newest pair.
+    old = PaneCounts()
+    for ts, other in [(5_000, "a"), (6_000, "a"), (6_000, "b")]:
+        old.add(ts, other, pane_ms=1_000, window_ms=60_000)
+    restored = Neighbours.__new__(Neighbours)
+    restored.__setstate__((None, {"counts": old, "newest": 6_000}))
+    fading = SPEC._replace(covisit_half_life_ms=1_000)
+    assert restored.features(fading)["neighbour_counts"] == [2.0, 1.0]
+    restored.add("b", 7_000, fading)  # a half-life later: a and b fade to 1 and 0.5, b gains 1
+    assert restored.features(fading) == {"neighbours": ["b", "a"], "neighbour_counts": [1.5, 1.0]}
 
 
 def test_category_trending_matches_a_full_ranking_and_restores_from_the_global_scores() -> None:
@@ -207,3 +252,31 @@ def test_status_feed_says_why_it_could_not_collect() -> None:
         assert feed.latest(wait_s=15)["error"].endswith("RuntimeError: the API's model is not there")
     finally:
         feed.stop()
+
+
+def test_offline_files_written_under_an_older_schema_are_rewritten_in_the_current_one(tmp_path) -> None:  # noqa: ANN001
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from connectors.offline_files import conform, write_part
+
+    def schema(counts: pa.DataType) -> pa.Schema:
+        return pa.schema([pa.field("item_id", pa.string()), pa.field("event_timestamp", pa.timestamp("ms", tz="UTC")),
+                          pa.field("neighbour_counts", pa.list_(counts))])
+
+    when = datetime(2026, 12, 6, tzinfo=UTC)
+    write_part(tmp_path, "v", "2026-12-06", "a-old", [{"item_id": "a", "event_timestamp": when,
+                                                     "neighbour_counts": [3, 1]}], schema(pa.int64()))
+    now = schema(pa.float64())
+    write_part(tmp_path, "v", "2026-12-06", "b-new", [{"item_id": "b", "event_timestamp": when,
+                                                     "neighbour_counts": [0.5]}], now)
+    with pytest.raises(pa.ArrowInvalid):  # what a reader of the whole folder met before
+        pq.read_table(tmp_path / "v")
+    assert conform(tmp_path, "v", now) == 1
+    assert conform(tmp_path, "v", now) == 0
+    got = pq.read_table(tmp_path / "v").sort_by("item_id").to_pydict()
+    assert got["neighbour_counts"] == [[3.0, 1.0], [0.5]]
+    with pytest.raises(ValueError, match="a-old.parquet.*move the file away"):
+        conform(tmp_path, "v", now.append(pa.field("extra", pa.string())))
