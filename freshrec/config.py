@@ -27,12 +27,8 @@ class ConfigError(ValueError):
 
 # Variables that no longer mean anything, and what replaced them: a deployment that still sets
 # one is told, rather than silently running with a default.
-RETIRED = {
-    "FRESHREC_COVISIT_WINDOW_SECONDS": "co-visitation counts fade instead of leaving a window: "
-                                       "set FRESHREC_COVISIT_HALF_LIFE_SECONDS",
-    "FRESHREC_COVISIT_PANE_SECONDS": "co-visitation counts fade instead of leaving a window: "
-                                     "set FRESHREC_COVISIT_HALF_LIFE_SECONDS",
-}
+_FADING = "co-visitation counts fade instead of leaving a window: set FRESHREC_COVISIT_HALF_LIFE_SECONDS"
+RETIRED = {"FRESHREC_COVISIT_WINDOW_SECONDS": _FADING, "FRESHREC_COVISIT_PANE_SECONDS": _FADING}
 
 
 def _doc(text: str) -> dict[str, str]:
