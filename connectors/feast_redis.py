@@ -73,6 +73,18 @@ class ViewLayout:
         ttl = int(view.ttl.total_seconds()) if view.ttl else 0
         return cls(view.name, join_keys, fields, f"_ts:{view.name}".encode(), ttl)
 
+    @classmethod
+    def joined(cls, name: str, layouts: list[ViewLayout]) -> ViewLayout:
+        """Several views of one entity kind read as one (they share the entity's hash): their
+        fields together, with the first view's timestamp."""
+        first, *rest = layouts
+        for other in rest:
+            if other.join_keys != first.join_keys:
+                raise ValueError(f"cannot join views of different entities: {first.name} is keyed by "
+                                 f"{first.join_keys}, {other.name} by {other.join_keys}")
+        fields = tuple(f for layout in layouts for f in layout.fields)
+        return cls(name, first.join_keys, fields, first.ts_field, first.ttl_seconds)
+
     def key(self, project: str, entity: str) -> bytes:
         """``entity`` joins the parts of a composite key with KEY_SEPARATOR, in join-key order."""
         ek = EntityKey(join_keys=list(self.join_keys),
@@ -136,6 +148,16 @@ class FeastRedisReader:
         self._values: dict[bytes, Any] = {}
         self._ts: dict[bytes, int] = {}
         self._rows: dict[tuple[Any, ...], dict[str, Any]] = {}  # decoded rows by their raw replies
+
+    def join(self, name: str, views: list[str]) -> str:
+        """Let ``read`` take ``name`` for these views of one entity kind together: one HMGET per
+        entity, a row when the first view has one (``None`` otherwise), holding every field
+        either view has. Returns ``name``.
+
+        Fields of the same name are read from the later view."""
+        if name not in self.layouts:
+            self.layouts[name] = ViewLayout.joined(name, [self.layouts[v] for v in views])
+        return name
 
     def _keep(self, cache: dict[Any, Any], key: Any, value: Any) -> Any:
         if len(cache) >= self.cache_entries:

@@ -51,7 +51,7 @@ from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
 from serving.candidates import POLICY, Policy, interleave
 from serving.ranking import rank
-from streaming.state import Ev, Neighbours, RecentViews, Spec
+from streaming.state import Ev, Spec
 
 PROTOCOLS = ("next_item", "next_new_item")
 METHODS = ("online", "online_embedding", "frozen", "frozen_embedding", "daily", "popularity", "recent_items",
@@ -209,9 +209,6 @@ class Evaluation:
         self.spec = spec or Spec()
         self.freeze_at, self.n_slices = freeze_at, slices
         self.batch = BatchExamples(ExampleBuilder(seed=seed), self.spec)
-        self.views: dict[str, RecentViews] = {}
-        self.neighbours: dict[str, Neighbours] = {}
-        self.rows: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, set[str]] = defaultdict(set)
         self.popularity = SlidingPopularity(self.spec.window_ms)
         self.by_category = CategoryPopularity(self.spec.window_ms)
@@ -226,16 +223,9 @@ class Evaluation:
         self.scores = Scores()
 
     # -- the methods' top lists ----------------------------------------------------------------
-    def _row(self, item: str) -> dict[str, Any]:
-        """The item's co-visitation row, as the job writes it (kept until a pair changes it)."""
-        row = self.rows.get(item)
-        if row is None:
-            row = self.rows[item] = self.neighbours[item].features(self.spec) if item in self.neighbours else {}
-        return row
-
     def _knn(self, recent: list[str]) -> list[str]:
         anchors = recent[:self.policy.anchors]
-        rows = [self._row(i) for i in anchors]
+        rows = [self.batch.covisit_row(i) for i in anchors]
         ranked = rank([r.get("neighbours", []) for r in rows], [r.get("neighbour_counts", []) for r in rows], [],
                       k=100, recent=anchors)
         return [i for i, _, _ in ranked]
@@ -310,10 +300,6 @@ class Evaluation:
         self.online.learn_many(examples)  # the frozen part too: its daily copy follows the online models
         if self.part != "frozen":
             self.covisit.learn_one(ev.user_id, ev.item_id)  # and last_distinct and all_time, which it holds
-        if ev.behavior == "view":
-            for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(e, self.spec):
-                self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
-                self.rows.pop(a, None)
         self.popularity.add(ev.item_id, ev.ts)
         self.by_category.add(e.category_id, ev.item_id, ev.ts)
         self.seen[ev.user_id].add(ev.item_id)

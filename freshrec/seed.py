@@ -1,8 +1,8 @@
 """Seed a Redis with the online state a log leaves behind, without running the streaming job.
 
 For the serving benchmark, the API tests and trying the API on its own: a simulated log is
-folded through the job's own state classes (streaming/state.py: users and items via the
-batch example builder, co-visitation via RecentViews/Neighbours) into rows in Feast's
+folded through the job's own state classes (streaming/state.py, via the batch example
+builder) into rows in Feast's
 layout, and a model learned on the same log is published as a snapshot. Trending is simpler
 than the job's: the most active items of the last 20k events, overall and per category.
 """
@@ -22,7 +22,6 @@ from features.dsl import trending_key
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.trainer import learn_log
-from streaming.state import Ev, Neighbours, RecentViews, Spec
 
 
 def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n_items: int = 20_000,
@@ -34,17 +33,9 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     client = redis.Redis.from_url(settings.redis_url)
     ParameterStore(client, settings.feast_project).publish("snapshot", rec.snapshot(), 0, {"examples": n})
     ts = events[-1].ts
-    spec = Spec.of(settings)
-    views: dict[str, RecentViews] = {}
-    neighbours: dict[str, Neighbours] = {}
-    for e in events:
-        if e.behavior == "view":
-            ev = Ev.of(e)
-            for a, b, at in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
-                neighbours.setdefault(a, Neighbours()).add(b, at, spec)
     rows = [("user_recent", u, ts, batch.user_features(u)) for u in batch.users]
     rows += [("item_recent", i, ts, batch.item_features(i)) for i in batch.items]
-    rows += [("item_covisit", i, ts, n.features(spec)) for i, n in neighbours.items()]
+    rows += [("item_covisit", i, ts, batch.covisit_row(i)) for i in batch.neighbours]
     FeastRedisWriter(client, settings.feast_project, FEATURE_VIEWS).write(rows)
     last = events[-20_000:]
     popular = Counter(e.item_id for e in last).most_common(settings.trending_size)

@@ -3,14 +3,16 @@
     Kafka behavior-events
       -> parse + validate (bad or too-late events -> DLQ topic, with the reason)
       -> key by user: drop duplicates; recent counts, last-N views, top categories   (user_recent)
-           |-> each new event -> key by item: views/carts/buys, buy rate           (item_recent)
-           |      -> key by category shard: per-category trending lists, partial global lists
-           |         -> one key, a row per shard per 200 ms: the global list       (trending)
-           '-> co-visit pairs -> key by item: top neighbours                       (item_covisit)
+           '-> each new event with its co-visit pairs, and the pairs its view gives other items
+                -> key by item: views/carts/buys, buy rate                         (item_recent)
+                                top neighbours, once per flush tick                (item_covisit)
+                  -> key by category shard: per-category trending lists, partial global lists
+                     -> one key, a row per shard per 200 ms: the global list       (trending)
       -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
       -> every feature row to the feature-log topic (the offline store's input)
-    item_recent also hands each event, with the user's and the item's features from *before*
-    it, keyed by user to the training-example builders -> the examples topic (the trainer's input)
+    The item operator also hands each event, with the user's and the item's features (both item
+    rows) from *before* it, keyed by user to the training-example builders -> the examples topic
+    (the trainer's input)
 
 No operator's per-event work sits on one key: a cluster spreads every one of them.
 
@@ -96,12 +98,13 @@ def _event_type() -> Any:
 EVENT = _event_type()
 # (feature view, entity, event ts ms, JSON of values)
 ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
-# (item, the items it was co-visited with, the pairs' ts ms): one record per item a view touches
-PAIR = Types.TUPLE([Types.STRING(), Types.LIST(Types.STRING()), Types.LIST(Types.LONG())])
 DLQ = OutputTag("dlq", Types.STRING())
-# an event + JSON of the user's features before it ("" for a new user)
-NEW_EVENTS = OutputTag("new_events", Types.TUPLE([*_event_type().get_field_types(), Types.STRING()]))
-PAIRS = OutputTag("pairs", PAIR)
+# An event + JSON of the user's features before it ("" for a new user) + the items its view was
+# co-visited with and the pairs' ts ms. The pairs a view gives another item come as a record of
+# their own, keyed by that item, with an empty event id: ("", "", item, "", ts, "", "", others, stamps).
+ITEM_INPUTS = OutputTag("item_inputs", Types.TUPLE([*_event_type().get_field_types(), Types.STRING(),
+                                                    Types.LIST(Types.STRING()), Types.LIST(Types.LONG())]))
+COVISIT_ROWS = OutputTag("item_covisit", ROW)  # apart from item_recent's, which feed trending
 # that + JSON of the item's features before ("" for a new item) and after it
 EXAMPLE_INPUTS = OutputTag("example_inputs", Types.TUPLE([*_event_type().get_field_types(), *[Types.STRING()] * 3]))
 TRENDING_VIEW = "trending"
@@ -177,7 +180,8 @@ class _Keyed(KeyedProcessFunction):
 
 class UserFeatures(KeyedProcessFunction):
     """Per user: drops duplicates, keeps user_recent, and pairs views for co-visitation.
-    Each new event also leaves (side output) for the item-keyed operators."""
+    Each new event, and the pairs its view gives other items, leave (side output) for the
+    item operator."""
 
     def __init__(self, s: Settings) -> None:
         self.spec = Spec.of(s)
@@ -197,33 +201,65 @@ class UserFeatures(KeyedProcessFunction):
         pairs = views.add(ev, self.spec) if ev.behavior == "view" else []
         self.state.update((st, views))
         yield "user_recent", ev.user_id, st.newest, json.dumps(st.features(self.spec))
-        yield NEW_EVENTS, (*value, before)
-        # The viewed item's pairs leave as one record (a side output is a call into Java, and its
-        # neighbour table is then loaded and saved once); each other item gets its own.
+        # The viewed item's own pairs travel with the event (one record, and the item operator
+        # counts them after the example's "before"); each other item gets its own record.
         mine = [(other, at) for item, other, at in pairs if item == ev.item_id]
-        if mine:
-            yield PAIRS, (ev.item_id, [o for o, _ in mine], [at for _, at in mine])
+        yield ITEM_INPUTS, (*value, before, [o for o, _ in mine], [at for _, at in mine])
         for item, other, at in pairs:
             if item != ev.item_id:
-                yield PAIRS, (item, [other], [at])
+                yield ITEM_INPUTS, ("", "", item, "", at, "", "", [other], [at])
 
 
 class ItemFeatures(_Keyed):
+    """Per item: item_recent on every event, and the co-visitation scores (item_covisit), sent
+    once per flush tick however many pairs arrived (a popular item gets hundreds a second).
+    Both rows are in the item features the training examples carry, as serving reads them."""
+
     factory = ItemState
 
     def __init__(self, s: Settings) -> None:
-        self.spec = Spec.of(s)
+        self.spec, self.every_ms = Spec.of(s), s.sink_flush_ms
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        super().open(runtime_context)
+        self.neighbours = runtime_context.get_state(ValueStateDescriptor("neighbours", Types.PICKLED_BYTE_ARRAY()))
+        self.ticks = Ticks(self.every_ms)
+
+    def _count(self, nb: Neighbours | None, others: list[str], stamps: list[int],
+               ctx: KeyedProcessFunction.Context, item: str) -> Neighbours:
+        nb = nb or Neighbours()
+        for other, ts in zip(others, stamps, strict=True):
+            nb.add(other, ts, self.spec)
+        self.neighbours.update(nb)
+        self.ticks.ensure(ctx, item)
+        return nb
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        ev = Ev(*value[:6])
+        *event, user, others, stamps = value
+        if not event[0]:  # pairs another item's view gave this one
+            self._count(self.neighbours.value(), others, stamps, ctx, event[2])
+            return
+        ev = Ev(*event)
         known = self.state.value()
         st: ItemState = known or ItemState()
-        before = json.dumps(st.features()) if known else ""
+        nb: Neighbours | None = self.neighbours.value()
+        row = nb.features(self.spec) if nb else {}
+        before = json.dumps(st.features() | row) if known else ""
         st.add(ev, self.spec)
         self.state.update(st)
-        after = json.dumps(st.features())
-        yield "item_recent", ev.item_id, st.newest, after
-        yield EXAMPLE_INPUTS, (*value, before, after)
+        if others:
+            nb = self._count(nb, others, stamps, ctx, ev.item_id)
+            row = nb.features(self.spec)
+        features = st.features()
+        yield "item_recent", ev.item_id, st.newest, json.dumps(features)
+        yield EXAMPLE_INPUTS, (*event, user, before, json.dumps(features | row))
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
+        item = ctx.get_current_key()
+        self.ticks.fired(item)
+        nb: Neighbours | None = self.neighbours.value()
+        if nb is not None:
+            yield COVISIT_ROWS, ("item_covisit", item, nb.newest, json.dumps(nb.features(self.spec)))
 
 
 class TrainingExamples(KeyedProcessFunction):
@@ -246,34 +282,6 @@ class TrainingExamples(KeyedProcessFunction):
                                         json.loads(before) if before else None):
             yield json.dumps(example, separators=(",", ":"))
         self.builder.observe_item(ev.item_id, json.loads(after))
-
-
-class CoVisitNeighbours(_Keyed):
-    """Counts pairs as they come; emits an item's neighbours once per flush tick, however many
-    pairs arrived (a popular item gets hundreds a second)."""
-
-    factory = Neighbours
-
-    def __init__(self, s: Settings) -> None:
-        self.spec, self.every_ms = Spec.of(s), s.sink_flush_ms
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        super().open(runtime_context)
-        self.ticks = Ticks(self.every_ms)
-
-    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        item, others, stamps = value
-        st: Neighbours = self.load()
-        for other, ts in zip(others, stamps, strict=True):
-            st.add(other, ts, self.spec)
-        self.state.update(st)
-        self.ticks.ensure(ctx, item)
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
-        item = ctx.get_current_key()
-        self.ticks.fired(item)
-        st: Neighbours = self.load()
-        yield "item_covisit", item, st.newest, json.dumps(st.features(self.spec))
 
 
 class _Shard:
@@ -534,21 +542,20 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     events = read_events(env, s, epoch, feature_job_id(s))
     users = (events.key_by(lambda e: e[1], key_type=Types.STRING())
              .process(UserFeatures(s), output_type=ROW).name("user_recent").uid("user_recent"))
-    new_events = users.get_side_output(NEW_EVENTS)
-    items = (new_events.key_by(lambda e: e[2], key_type=Types.STRING())
-             .process(ItemFeatures(s), output_type=ROW).name("item_recent").uid("item_recent"))
+    # The uid is item_recent's from before co-visitation moved in: its state restores; the
+    # co-visitation scores of the retired "item_covisit" operator are left behind and refill.
+    items = (users.get_side_output(ITEM_INPUTS).key_by(lambda e: e[2], key_type=Types.STRING())
+             .process(ItemFeatures(s), output_type=ROW).name("item_features").uid("item_recent"))
     examples = (items.get_side_output(EXAMPLE_INPUTS).key_by(lambda e: e[1], key_type=Types.STRING())
                 .process(TrainingExamples(s), output_type=Types.STRING()).name("training_examples")
                 .uid("training_examples"))
     examples.sink_to(kafka_sink(s, examples_topic(s))).name("examples").uid("examples")
-    covisit = (users.get_side_output(PAIRS).key_by(lambda p: p[0], key_type=Types.STRING())
-               .process(CoVisitNeighbours(s), output_type=ROW).name("item_covisit").uid("item_covisit"))
     partials = (items.key_by(lambda r: trending_shard(json.loads(r[3]).get("category", ""), r[1]),
                              key_type=Types.INT())
                 .process(LocalTrending(s), output_type=ROW).name("trending_local").uid("trending_local"))
     trending = (partials.key_by(lambda r: r[0], key_type=Types.STRING())
                 .process(TrendingMerge(s), output_type=ROW).name("trending").uid("trending_merge"))
-    write_rows(s, [users, items, covisit, trending])
+    write_rows(s, [users, items, items.get_side_output(COVISIT_ROWS), trending])
 
 
 def log(message: str, job: str = JOB_NAME) -> None:

@@ -36,7 +36,7 @@ from collections import Counter, OrderedDict
 from typing import Any, TypedDict
 
 from freshrec.config import Settings
-from streaming.state import Ev, ItemState, Spec, UserState
+from streaming.state import Ev, ItemState, Neighbours, RecentViews, Spec, UserState
 
 CONVERSIONS = ("click", "cart", "fav", "buy")
 
@@ -146,11 +146,18 @@ class BatchExamples:
     (streaming/state.py): each event's examples carry the features the job would have had
     just before it, and duplicates are dropped at the user as the job drops them.
 
+    An item's features are its ``item_recent`` row and, once it has co-visits, its
+    ``item_covisit`` row (``neighbours``, ``neighbour_counts``), as the job's item operator
+    holds them: an event's own pairs count after its example, the pairs its view gives the
+    other items right after it.
+
     >>> b = BatchExamples(ExampleBuilder(negatives=0))
     >>> first = b.add(Ev("e1", "u", "a", "view", 1_000, ""))
     >>> second = b.add(Ev("e2", "u", "b", "view", 2_000, ""))
-    >>> first[0]["user"], second[0]["user"]["last_viewed_items"]
-    (None, ['a'])
+    >>> first[0]["user"], second[0]["user"]["last_viewed_items"], second[0]["item"]
+    (None, ['a'], None)
+    >>> b.item_features("b")["neighbours"], b.covisit_row("a")
+    (['a'], {'neighbours': ['b'], 'neighbour_counts': [1.0]})
     >>> b.add(Ev("e2", "u", "b", "view", 2_000, "")) is None  # a duplicate
     True
     """
@@ -159,16 +166,27 @@ class BatchExamples:
         self.builder, self.spec = builder, spec or Spec()
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
-        self.item_cache: dict[str, dict[str, Any] | None] = {}  # features until the item's next event
+        self.views: dict[str, RecentViews] = {}  # per user, for pairing
+        self.neighbours: dict[str, Neighbours] = {}
+        self.item_cache: dict[str, dict[str, Any] | None] = {}  # features until the item next changes
+        self.rows: dict[str, dict[str, Any]] = {}  # co-visitation rows until a pair changes them
 
     def user_features(self, user: str) -> dict[str, Any] | None:
         st = self.users.get(user)
         return st.features(self.spec) if st else None
 
+    def covisit_row(self, item: str) -> dict[str, Any]:
+        """The item's ``item_covisit`` row as the job writes it; {} before its first co-visit."""
+        row = self.rows.get(item)
+        if row is None:
+            n = self.neighbours.get(item)
+            row = self.rows[item] = n.features(self.spec) if n else {}
+        return row
+
     def item_features(self, item: str) -> dict[str, Any] | None:
         if item not in self.item_cache:
             st = self.items.get(item)
-            self.item_cache[item] = st.features() if st else None
+            self.item_cache[item] = st.features() | self.covisit_row(item) if st else None
         return self.item_cache[item]
 
     def add(self, ev: Ev, user: dict[str, Any] | None = None) -> list[Example] | None:
@@ -179,8 +197,12 @@ class BatchExamples:
         if not self.users.setdefault(ev.user_id, UserState()).add(ev, self.spec):
             return None
         examples = self.builder.add(ev, user, self.item_features(ev.item_id))
-        st = self.items.setdefault(ev.item_id, ItemState())
-        st.add(ev, self.spec)
-        self.item_cache[ev.item_id] = after = st.features()
-        self.builder.observe_item(ev.item_id, after)
+        self.items.setdefault(ev.item_id, ItemState()).add(ev, self.spec)
+        self.item_cache.pop(ev.item_id, None)
+        if ev.behavior == "view":
+            for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(ev, self.spec):
+                self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
+                self.rows.pop(a, None)
+                self.item_cache.pop(a, None)
+        self.builder.observe_item(ev.item_id, self.item_features(ev.item_id))
         return examples

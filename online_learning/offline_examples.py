@@ -10,10 +10,14 @@ from the values serving saw. Each event gets, point in time:
 * for the negatives' features, the item's newest row *at* its millisecond (the builder's
   ``observe_item``, as the job feeds it the item's features after the event).
 
-For a log whose users and items each have at most one event per millisecond, arriving in time
-order, the examples equal the streaming job's and ``BatchExamples``'. Otherwise they are
-stricter: of events in the same millisecond, none sees another's features (the job's see those
-that arrived before), and an event that arrived late sees the features of its own time.
+An item's features are its ``item_recent`` row joined with its ``item_covisit`` row, each
+looked up as above. For a log whose users and items each have at most one event per
+millisecond, arriving in time order, the ``item_recent`` and ``user_recent`` parts equal the
+streaming job's and ``BatchExamples``'. Otherwise they are stricter: of events in the same
+millisecond, none sees another's features (the job's see those that arrived before), and an
+event that arrived late sees the features of its own time. The job logs an item's co-visitation
+row once per flush tick, not per pair, so the row found may miss the pairs of the last tick
+before the event: older than the job's, never newer.
 
 The rows come through Feast's offline-store interface (``pull_all_from_table_or_query``), so
 any offline store Feast can read works; the point-in-time lookups are done here, not with
@@ -24,7 +28,7 @@ timestamp (feast-dev/feast#6787), drops rows with no earlier value, and ran at ~
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -99,8 +103,10 @@ class OfflineExamples:
     True
     """
 
-    def __init__(self, builder: ExampleBuilder, users: AsOf, items: AsOf, spec: Spec) -> None:
+    def __init__(self, builder: ExampleBuilder, users: AsOf, items: AsOf, spec: Spec,
+                 covisit: AsOf | None = None) -> None:
         self.builder, self.users, self.items, self.spec = builder, users, items, spec
+        self.covisit = covisit or AsOf(0)
         self.seen: dict[str, Seen] = {}
         self.first: dict[str, int] = {}  # user -> time of their first event in the log
         self.missing = 0  # events of a user seen earlier in the log whose features the store lacks
@@ -113,9 +119,14 @@ class OfflineExamples:
         user = self.users.before(ev.user_id, ev.ts)
         if first < ev.ts and not self.users.logged_before(ev.user_id, ev.ts):  # the job would have
             self.missing += 1
-        examples = self.builder.add(ev, user, self.items.before(ev.item_id, ev.ts))
-        self.builder.observe_item(ev.item_id, self.items.at(ev.item_id, ev.ts))
+        examples = self.builder.add(ev, user, self._item(ev.item_id, ev.ts, AsOf.before))
+        self.builder.observe_item(ev.item_id, self._item(ev.item_id, ev.ts, AsOf.at))
         return examples
+
+    def _item(self, item: str, ts: int, lookup: Callable[[AsOf, str, int], Row | None]) -> Row | None:
+        row = lookup(self.items, item, ts)
+        covisit = lookup(self.covisit, item, ts) if row is not None else None
+        return row | covisit if covisit else row
 
 
 def read_view(store: Any, name: str, start_ms: int, end_ms: int) -> AsOf:
@@ -146,12 +157,12 @@ class OfflineStoreError(Exception):
 
 def offline_examples(settings: Settings, events: list[Ev], builder: ExampleBuilder) -> OfflineExamples:
     """:class:`OfflineExamples` for ``events`` (in time order), reading the views they need."""
-    from features.definitions import item_recent, user_recent
+    from features.definitions import item_covisit, item_recent, user_recent
     from features.store import feature_store, repo_dir
 
     start, end = min(e.ts for e in events), max(e.ts for e in events)
     store = feature_store(settings)
-    users, items = (read_view(store, v.name, start, end) for v in (user_recent, item_recent))
+    users, items, covisit = (read_view(store, v.name, start, end) for v in (user_recent, item_recent, item_covisit))
     if not len(users):
         span = " to ".join(dict.fromkeys(datetime.fromtimestamp(t / 1000, tz=UTC).isoformat(timespec="seconds")
                                          for t in (start, end)))
@@ -159,4 +170,4 @@ def offline_examples(settings: Settings, events: list[Ev], builder: ExampleBuild
             f"the offline store ({repo_dir(settings) / 'offline'}) holds no {user_recent.name} rows for "
             f"{span}: the feature job logs them while it runs (freshrec up), for the events it reads; "
             "without --from-offline-store, training recomputes the features from the log")
-    return OfflineExamples(builder, users, items, Spec.of(settings))
+    return OfflineExamples(builder, users, items, Spec.of(settings), covisit)

@@ -5,7 +5,8 @@
                 user's top categories, embedding nearest neighbours, the user's recent items,
                 trending; per-source quotas, no duplicates, nothing the user just bought or the
                 app excluded
-    features    every candidate's item row: one pipelined round trip, Feast's layout read directly;
+    features    every candidate's item rows (item_recent and item_covisit, one HMGET of the item's
+                hash): one pipelined round trip, Feast's layout read directly;
                 rows read in the last FRESHREC_ITEM_CACHE_MS (250) are reused: an item's counts
                 barely move in a quarter second, and popular items are in every request
     score       the chosen model version, vectorized over all candidates
@@ -221,8 +222,10 @@ class RequestPath:
         return answer
 
     def _item_rows(self, items: list[str]) -> list[dict[str, Any] | None]:
+        # The ranker reads an item's co-visitation row too (online_learning/ranker.covisit_share).
+        view = self.reader.join("item_recent+item_covisit", ["item_recent", "item_covisit"])
         return _cached(self.item_cache, items, self.item_cache_s,
-                       lambda missing: self.reader.read([("item_recent", i) for i in missing]))
+                       lambda missing: self.reader.read([(view, i) for i in missing]))
 
     def _in_categories(self, categories: list[str]) -> list[str]:
         """The trending lists of these categories, interleaved; a list read in the last second

@@ -109,16 +109,21 @@ def test_ranker_vectorized_scores_equal_the_feature_path() -> None:
     rng = random.Random(4)
     for t in range(3000):
         item = str(rng.randrange(30))
+        recent = [str(rng.randrange(30)) for _ in range(rng.randrange(4))]
+        linked = bool(recent) and rng.random() < 0.5  # its co-visitation row names the user's newest view
+        near = [*recent[:1], *(str(rng.randrange(30, 60)) for _ in range(3))] if linked else []
         feats = None if rng.random() < 0.2 else {"views": rng.randrange(9), "carts": rng.randrange(3),
                                                  "buys": rng.randrange(2), "events": rng.randrange(12),
-                                                 "buy_rate": rng.random(), "category": f"c{int(item) % 3}"}
-        recent = [str(rng.randrange(30)) for _ in range(rng.randrange(4))]
+                                                 "buy_rate": rng.random(), "category": f"c{int(item) % 3}",
+                                                 "neighbours": near, "neighbour_counts": [1.0] * len(near)}
         tops = rng.sample(["c0", "c1", "c2"], rng.randrange(3))
-        label = int(rng.random() < 0.3 + 0.4 * (item in recent) + 0.2 * (f"c{int(item) % 3}" in tops))
+        label = int(rng.random() < 0.2 + 0.3 * (item in recent) + 0.2 * (f"c{int(item) % 3}" in tops) + 0.3 * linked)
         r.learn_one(ex("u", item, label, t, recent, feats, tops), mf=rng.random())
     user = {"views": 3, "clicks": 1, "last_viewed_items": ["3", "7", "3"], "top_categories": ["c2", "c0", "c2"]}
     cands = [(str(i), None if i % 5 == 0 else {"views": i, "carts": i % 3, "buys": i % 2, "events": 2 * i,
-                                              "buy_rate": i / 40, "category": f"c{i % 4}" if i % 7 else None})
+                                              "buy_rate": i / 40, "category": f"c{i % 4}" if i % 7 else None,
+                                              "neighbours": ["7", "1", "3"][:i % 4],
+                                              "neighbour_counts": [3.0, 2.0, 1.0]})
              for i in range(30)]
     mf = np.linspace(-1, 1, 30)
     fast = r.score_many(user, cands, mf)
@@ -126,6 +131,7 @@ def test_ranker_vectorized_scores_equal_the_feature_path() -> None:
             for (i, f), m in zip(cands, mf.tolist(), strict=True)]
     assert np.allclose(fast, slow, rtol=1e-12, atol=0)
     assert r.model._weights.get("seen", 0) > 0 and r.model._weights.get("cat", 0) > 0  # the signals it was given
+    assert r.model._weights.get("covisit_hit", 0) > 0
 
 
 def test_ranker_restore_continues_identically() -> None:

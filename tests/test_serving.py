@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 
 from connectors.embedded import Service, start_redis
-from connectors.feast_redis import FeastRedisWriter
+from connectors.feast_redis import FeastRedisReader, FeastRedisWriter
 from features.definitions import FEATURE_VIEWS
 from features.dsl import trending_key
 from freshrec.config import Settings
@@ -119,6 +119,25 @@ def test_context_exclusions_pages_and_recent_buys(served: tuple[Settings, list[s
     first, second = items("ctx-browser", k=5), items("ctx-browser", k=5, page=1)
     assert len(second) == 5 and not set(first) & set(second)
     assert "ctx-anchor" not in items("ctx-nobody", current_item="ctx-anchor")
+
+
+def test_item_rows_join_both_item_views_in_one_read(served: tuple[Settings, list[str], TestClient]) -> None:
+    """What the ranker gets per candidate: item_recent and item_covisit, one HMGET of the item's hash."""
+    s, _, _ = served
+    client = redis.Redis.from_url(s.redis_url)
+    now = int(time.time() * 1000)
+    FeastRedisWriter(client, s.feast_project, FEATURE_VIEWS).write([
+        ("item_recent", "jn-a", now, {"views": 3, "events": 4}),
+        ("item_covisit", "jn-a", now - 5, {"neighbours": ["jn-b"], "neighbour_counts": [2.5]}),
+        ("item_covisit", "jn-b", now, {"neighbours": ["jn-a"], "neighbour_counts": [2.5]})])
+    reader = FeastRedisReader(client, s.feast_project, FEATURE_VIEWS)
+    both = reader.join("item_recent+item_covisit", ["item_recent", "item_covisit"])
+    a, b = reader.read([(both, "jn-a"), (both, "jn-b")])
+    assert a is not None and (a["views"], a["neighbours"], a["neighbour_counts"]) == (3, ["jn-b"], [2.5])
+    assert a["_event_ts_ms"] == now  # item_recent's time
+    assert b is None  # no item_recent row: a new item to the ranker
+    with pytest.raises(ValueError, match="user_recent is keyed by .*item_recent by"):
+        reader.join("mixed", ["user_recent", "item_recent"])
 
 
 def test_bad_input_gets_clear_4xx(served: tuple[Settings, list[str], TestClient]) -> None:

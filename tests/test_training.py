@@ -47,17 +47,21 @@ def examples_of(settings: Settings, prefix: str, want: int, timeout: float = 90)
 def test_job_emits_examples_with_features_from_before_the_event(shared: Settings) -> None:
     now = int(time.time() * 1000) - 60_000
     ev = [validate({"user_id": "tx-u", "item_id": item, "behavior": b, "ts": now + n * 1000, "event_id": f"tx{n}"})
-          for n, (item, b) in enumerate([("tx-a", "view"), ("tx-b", "view"), ("tx-a", "buy")])]
+          for n, (item, b) in enumerate([("tx-a", "view"), ("tx-b", "view"), ("tx-a", "buy"), ("tx-b", "view")])]
     produce(shared, ev)
-    got = examples_of(shared, "tx-", want=3 + 2 * 3)
+    got = examples_of(shared, "tx-", want=4 + 2 * 4)
     positives = sorted((e for e in got if e["label"] == 1), key=lambda e: e["ts"])
-    assert [(e["item_id"], e["behavior"]) for e in positives] == [("tx-a", "view"), ("tx-b", "view"), ("tx-a", "buy")]
-    first, second, buy = positives
+    assert [(e["item_id"], e["behavior"]) for e in positives] == [("tx-a", "view"), ("tx-b", "view"), ("tx-a", "buy"),
+                                                                  ("tx-b", "view")]
+    first, second, buy, again = positives
     assert first["user"] is None and first["item"] is None  # a new user, a new item
     # as of just before the second view: one view, of tx-a; nothing of tx-b yet
     assert second["user"]["views"] == 1 and second["user"]["last_viewed_items"] == ["tx-a"]
     # the buy is attributed to the view of tx-a: the features are those of that moment
     assert buy["user"] is None and buy["item"] is None
+    # the item's co-visitation row as of before the event: the pair of its first view, not this one's
+    assert again["item"]["views"] == 1
+    assert (again["item"]["neighbours"], again["item"]["neighbour_counts"]) == (["tx-a"], [1.0])
     negatives = [e for e in got if e["label"] == 0]
     assert negatives and all(e["behavior"] == "negative" for e in negatives)
     for n in negatives:
