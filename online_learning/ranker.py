@@ -250,12 +250,7 @@ class FTRLRanker:
             logit += match * (w.get("cat", 0.0) + w.get("cat_rank", 0.0) / (1 + np.where(match, cat_at, 0)))
         at = anchor_ranks(user)
         if at and (w.get("covisit") or w.get("covisit_hit")):
-            share = np.zeros(n)
-            anchors = at.keys()
-            for j, f in enumerate(rows):
-                names = f.get("neighbours") if f else None
-                if names and not anchors.isdisjoint(names):  # most rows name none: a set test in C
-                    share[j] = covisit_share(f, at)
+            share = np.fromiter((covisit_share(f, at) for f in rows), dtype=np.float64, count=n)
             logit += share * w.get("covisit", 0.0) + (share > 0) * w.get("covisit_hit", 0.0)
         if mf is not None:
             logit += np.asarray(mf, dtype=np.float64) * w.get("mf", 0.0)
