@@ -24,10 +24,21 @@ class ServiceError(RuntimeError):
     """A server could not be started; the message says what to install or free."""
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, never one this process was given before: the kernel
+    can hand the same ephemeral port to two binds in a row once the first socket is closed,
+    and two servers configured with one port fail in ways that are slow to diagnose (a Flink
+    JobManager whose REST and RPC ports were equal died after its port was already open)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def alive(pid: int, group: bool = False) -> bool:

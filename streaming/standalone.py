@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from connectors.embedded import free_port, wait_for_port
+from connectors.embedded import ServiceError, free_port, wait_for_port
 from streaming.flink import PROJECT_ROOT
 from streaming.jars import ensure_jars
 
@@ -53,6 +53,14 @@ class StandaloneCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.rest_port}"
 
+    def raise_if_exited(self) -> None:
+        """Fail at once, with the daemon's log, when the JobManager or TaskManager has died:
+        waiting for a dead daemon to answer only turns its reason into a timeout."""
+        for proc, role in zip(self.procs, ("standalonesession", "taskexecutor"), strict=False):
+            if proc.poll() is not None:
+                tail = "".join(f.read_text(errors="replace")[-2000:] for f in self.log_dir.glob(f"*{role}*.log"))
+                raise ServiceError(f"the Flink {role} exited with code {proc.returncode}; its log ends:\n{tail}")
+
     def stop(self) -> None:
         for proc in self.procs:
             try:
@@ -72,9 +80,9 @@ def start_standalone_cluster(work: Path, slots: int = 1) -> StandaloneCluster:
         (lib / jar.name).symlink_to(jar)
     for f in (home / "conf").glob("log4j*.properties"):
         shutil.copy(f, conf / f.name)
-    rest = free_port()
+    rest, rpc = free_port(), free_port()
     config = _flat(yaml.safe_load((home / "conf" / "config.yaml").read_text())) | {
-        "jobmanager.rpc.address": "127.0.0.1", "jobmanager.rpc.port": free_port(),
+        "jobmanager.rpc.address": "127.0.0.1", "jobmanager.rpc.port": rpc,
         "jobmanager.bind-host": "127.0.0.1", "rest.address": "127.0.0.1", "rest.bind-address": "127.0.0.1",
         "rest.port": rest, "taskmanager.bind-host": "127.0.0.1", "taskmanager.host": "127.0.0.1",
         "taskmanager.numberOfTaskSlots": slots, "jobmanager.memory.process.size": "768m",

@@ -44,6 +44,7 @@ def rest(c: StandaloneCluster, path: str, method: str = "GET") -> dict:
 def taskmanagers(c: StandaloneCluster) -> int:
     """TaskManagers registered; 0 while the JobManager's REST endpoint is still starting (it
     answers 503 until its leader is elected)."""
+    c.raise_if_exited()
     try:
         return int(rest(c, "/overview")["taskmanagers"])
     except OSError:  # urllib's HTTPError and URLError are OSErrors

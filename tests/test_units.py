@@ -280,3 +280,11 @@ def test_offline_files_written_under_an_older_schema_are_rewritten_in_the_curren
     assert got["neighbour_counts"] == [[3.0, 1.0], [0.5]]
     with pytest.raises(ValueError, match="a-old.parquet.*move the file away"):
         conform(tmp_path, "v", now.append(pa.field("extra", pa.string())))
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    # the kernel may return one ephemeral port to binds in a row; two servers sharing it fail late
+    from connectors.embedded import free_port
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
