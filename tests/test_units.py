@@ -161,6 +161,22 @@ def test_co_visits_fade_by_half_life_in_any_order_and_across_reference_moves() -
     assert all(abs(got[k] - want[k]) <= 1e-5 * want[k] for k in got)
 
 
+def test_co_visit_rows_kept_up_to_date_equal_rows_ranked_afresh() -> None:
+    import pickle
+
+    rng = random.Random(11)
+    for spec in (SPEC._replace(covisit_half_life_ms=1_000, covisit_top_k=5, covisit_kept=8),
+                 SPEC._replace(covisit_half_life_ms=0, covisit_top_k=8, covisit_kept=8)):
+        n = Neighbours()
+        for step in range(3_000):  # ties (no fading), truncation, reference moves, late pairs
+            n.add(f"i{rng.randrange(40)}", rng.randrange(3_000_000) if spec.covisit_half_life_ms else step, spec)
+            if rng.random() < 0.3:
+                got = n.features(spec)
+                fresh = pickle.loads(pickle.dumps(n))  # the ranking is not pickled: this one ranks anew
+                assert got == fresh.features(spec)
+                assert len(got["neighbours"]) == min(spec.covisit_top_k, len(n.scores))
+
+
 def test_co_visits_keep_bounded_state_and_read_a_windowed_checkpoint() -> None:
     spec = SPEC._replace(covisit_kept=10, covisit_half_life_ms=0)  # 0: counts never fade
     n = Neighbours()
