@@ -7,7 +7,8 @@ seen rows make room (LRU). Memory therefore stays flat over a long replay instea
 with every id ever seen.
 
 :class:`TwoTower` is matrix factorization with a history tower: a user's vector is their own
-row (once admitted) plus the mean of the rows of the items they viewed last. New users (most
+row (once admitted; it starts at zero and learns at a tenth of the items' rate) plus the mean
+of the rows of the items they viewed last. New users (most
 of a behavior log) get a useful vector from their first views, before their own id is admitted.
 It learns with the BPR loss (a positive should score above its sampled negative) in small
 batches with per-row Adagrad, and item rows double as a retrieval index (:meth:`TwoTower.nearest`).
@@ -43,7 +44,8 @@ class DynamicTable:
     """Rows of ``dim`` floats for admitted ids, with TTL and LRU eviction."""
 
     def __init__(self, dim: int, min_count: int = 2, ttl_ms: int = 6 * 3_600_000, max_rows: int | None = 200_000,
-                 init_rows: int = 1024, filter_width: int = 1 << 20, seed: int = 0) -> None:
+                 init_rows: int = 1024, filter_width: int = 1 << 20, seed: int = 0, init_scale: float = 0.1) -> None:
+        self.init_scale = init_scale  # new rows: normal noise of this scale (0: zeros)
         self.dim, self.min_count, self.ttl_ms, self.max_rows = dim, min_count, ttl_ms, max_rows
         self.gen = torch.Generator().manual_seed(seed)
         rows = min(init_rows, max_rows) if max_rows else init_rows
@@ -92,7 +94,7 @@ class DynamicTable:
         self.ids[key] = row
         self.keys[row] = key
         if init:
-            self.weight[row] = torch.randn(self.dim, generator=self.gen) * 0.1
+            self.weight[row] = torch.randn(self.dim, generator=self.gen) * self.init_scale
             self.accum[row] = 0.0
         self.last_seen[row] = -2  # taken; touch() sets the time
         self.changed.add(key)
@@ -166,11 +168,16 @@ class TwoTower:
 
     def __init__(self, dim: int = 32, lr: float = 0.1, reg: float = 1e-4, batch_size: int = 64, history: int = 5,
                  min_count: int = 2, ttl_ms: int = 6 * 3_600_000, max_rows: int | None = 200_000,
-                 seed: int = 0) -> None:
+                 seed: int = 0, user_lr: float = 0.01) -> None:
         self.hyper = {"dim": dim, "lr": lr, "reg": reg, "batch_size": batch_size, "history": history,
-                      "min_count": min_count, "ttl_ms": ttl_ms, "max_rows": max_rows, "seed": seed}
-        self.lr, self.reg, self.batch_size, self.history = lr, reg, batch_size, history
-        self.users = DynamicTable(dim, min_count, ttl_ms, max_rows, seed=seed)
+                      "min_count": min_count, "ttl_ms": ttl_ms, "max_rows": max_rows, "seed": seed,
+                      "user_lr": user_lr}
+        self.lr, self.user_lr, self.reg, self.batch_size, self.history = lr, user_lr, reg, batch_size, history
+        # A user's row starts at zero and learns slowly: it sees a few examples where an item
+        # sees thousands, and Adagrad's first steps move a fresh row as far as a trained one, so
+        # a random or fast row swung the user's vector with every session
+        # (docs/decisions/slow-user-rows.md).
+        self.users = DynamicTable(dim, min_count, ttl_ms, max_rows, seed=seed, init_scale=0.0)
         self.items = DynamicTable(dim, min_count, ttl_ms, max_rows, seed=seed + 1)
         self.pending: dict[tuple[str, int], tuple[int, list[int], int]] = {}  # (user, ts) -> positive
         self.batch: list[tuple[int, list[int], int, int]] = []  # (user row, history rows, positive, negative)
@@ -235,13 +242,13 @@ class TwoTower:
         user_sel = has_u[:, 0] > 0
         user_rows = urow[user_sel]
         user_grads = (g_u + self.reg * U.weight[urow])[user_sel]
-        for table, rows, grads in ((Ii, item_rows, item_grads), (U, user_rows, user_grads)):
+        for table, rows, grads, lr in ((Ii, item_rows, item_grads, self.lr), (U, user_rows, user_grads, self.user_lr)):
             if not len(rows):
                 continue
             uniq, inverse = torch.unique(rows, return_inverse=True)
             g = torch.zeros(len(uniq), table.dim).index_add_(0, inverse, grads)
             table.accum[uniq] += (g * g).mean(1)
-            table.weight[uniq] -= self.lr * g / (table.accum[uniq].sqrt().unsqueeze(1) + 1e-8)
+            table.weight[uniq] -= lr * g / (table.accum[uniq].sqrt().unsqueeze(1) + 1e-8)
             table.changed.update(table.keys[r] for r in uniq.tolist() if table.keys[r] is not None)
         self.batch = []
 

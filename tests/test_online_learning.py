@@ -174,6 +174,19 @@ def test_embedding_ttl_evicts_and_admission_waits() -> None:
     assert m.items.get("once") < 0 and "once" in m.items.removed
 
 
+def test_a_new_user_row_starts_at_zero_and_moves_slower_than_item_rows() -> None:
+    # A row sees few examples; Adagrad's first step moves a fresh row as far as a trained one,
+    # so a fast user row followed each session (docs/decisions/slow-user-rows.md).
+    m = TwoTower(dim=8, min_count=1, batch_size=1)
+    m.learn_one(ex("u", "pos", 1, ts=0))
+    assert not m.users.weight[m.users.get("u")].any()
+    item_before = m.items.weight[m.items.get("pos")].clone()
+    m.learn_one(ex("u", "neg", 0, ts=0))  # the pair fills the batch: one step
+    user_moved = float(m.users.weight[m.users.get("u")].norm())
+    item_moved = float((m.items.weight[m.items.get("pos")] - item_before).norm())
+    assert 0 < user_moved <= 0.2 * item_moved
+
+
 def test_embedding_learns_preferences_and_replicates() -> None:
     m = TwoTower(dim=8, min_count=1, batch_size=16, seed=2)
     replica = TwoTower.restore(m.snapshot())
