@@ -74,8 +74,9 @@ item_covisit = FeatureView(
         Field(name="item_id", dtype=String),
         Field(name="neighbours", dtype=Array(String), description="items viewed close in time by the same users"),
         Field(name="neighbour_counts", dtype=Array(Float64),
-              description="co-visit counts, each halved per FRESHREC_COVISIT_HALF_LIFE_SECONDS since it happened, "
-                          "as of the item's newest co-visit; aligned with neighbours"),
+              description="co-visit counts, each 1 / (1 + its views' gap / FRESHREC_COVISIT_PROXIMITY_SECONDS), "
+                          "halved per FRESHREC_COVISIT_HALF_LIFE_SECONDS since it happened, as of the item's "
+                          "newest co-visit; aligned with neighbours"),
     ],
     source=_offline("item_covisit"),
     owner="recsys@freshrec",

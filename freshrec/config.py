@@ -54,6 +54,8 @@ class Settings:
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))
     top_categories: int = field(default=3, metadata=_doc("categories kept in a user's top list"))
     covisit_gap_seconds: int = field(default=1800, metadata=_doc("views closer than this co-visit"))
+    covisit_proximity_seconds: int = field(default=60, metadata=_doc(
+        "a co-visit of views this far apart counts half of one of views at the same time (0: all count 1)"))
     covisit_half_life_seconds: int = field(default=3650 * 86400, metadata=_doc(
         "a co-visit counts half as much after this much event time (0: never fades)"))
     covisit_kept: int = field(default=100, metadata=_doc("co-visit partners an item keeps counting (the "
@@ -145,7 +147,8 @@ class Settings:
                     "snapshot_interval_seconds", "model_poll_ms", "api_workers", "redis_timeout_ms")
         if not 0 <= self.catalogue_nice <= 19:
             raise ConfigError(f"FRESHREC_CATALOGUE_NICE={self.catalogue_nice} must be between 0 and 19")
-        for name in ("item_cache_ms", "category_trending_size", "flink_rest_port", "covisit_half_life_seconds"):
+        for name in ("item_cache_ms", "category_trending_size", "flink_rest_port", "covisit_half_life_seconds",
+                     "covisit_proximity_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"FRESHREC_{name.upper()}={getattr(self, name)} must be 0 or more")
         for name in positive:

@@ -100,10 +100,12 @@ EVENT = _event_type()
 ROW = Types.TUPLE([Types.STRING(), Types.STRING(), Types.LONG(), Types.STRING()])
 DLQ = OutputTag("dlq", Types.STRING())
 # An event + JSON of the user's features before it ("" for a new user) + the items its view was
-# co-visited with and the pairs' ts ms. The pairs a view gives another item come as a record of
-# their own, keyed by that item, with an empty event id: ("", "", item, "", ts, "", "", others, stamps).
+# co-visited with, the pairs' ts ms and the ms between each pair's views. The pairs a view gives
+# another item come as a record of their own, keyed by that item, with an empty event id:
+# ("", "", item, "", ts, "", "", others, stamps, gaps).
 ITEM_INPUTS = OutputTag("item_inputs", Types.TUPLE([*_event_type().get_field_types(), Types.STRING(),
-                                                    Types.LIST(Types.STRING()), Types.LIST(Types.LONG())]))
+                                                    Types.LIST(Types.STRING()), Types.LIST(Types.LONG()),
+                                                    Types.LIST(Types.LONG())]))
 COVISIT_ROWS = OutputTag("item_covisit", ROW)  # apart from item_recent's, which feed trending
 # that + JSON of the item's features before ("" for a new item) and after it
 EXAMPLE_INPUTS = OutputTag("example_inputs", Types.TUPLE([*_event_type().get_field_types(), *[Types.STRING()] * 3]))
@@ -203,11 +205,11 @@ class UserFeatures(KeyedProcessFunction):
         yield "user_recent", ev.user_id, st.newest, json.dumps(st.features(self.spec))
         # The viewed item's own pairs travel with the event (one record, and the item operator
         # counts them after the example's "before"); each other item gets its own record.
-        mine = [(other, at) for item, other, at in pairs if item == ev.item_id]
-        yield ITEM_INPUTS, (*value, before, [o for o, _ in mine], [at for _, at in mine])
-        for item, other, at in pairs:
+        mine = [(other, at, gap) for item, other, at, gap in pairs if item == ev.item_id]
+        yield ITEM_INPUTS, (*value, before, [p[0] for p in mine], [p[1] for p in mine], [p[2] for p in mine])
+        for item, other, at, gap in pairs:
             if item != ev.item_id:
-                yield ITEM_INPUTS, ("", "", item, "", at, "", "", [other], [at])
+                yield ITEM_INPUTS, ("", "", item, "", at, "", "", [other], [at], [gap])
 
 
 class ItemFeatures(_Keyed):
@@ -225,19 +227,19 @@ class ItemFeatures(_Keyed):
         self.neighbours = runtime_context.get_state(ValueStateDescriptor("neighbours", Types.PICKLED_BYTE_ARRAY()))
         self.ticks = Ticks(self.every_ms)
 
-    def _count(self, nb: Neighbours | None, others: list[str], stamps: list[int],
+    def _count(self, nb: Neighbours | None, others: list[str], stamps: list[int], gaps: list[int],
                ctx: KeyedProcessFunction.Context, item: str) -> Neighbours:
         nb = nb or Neighbours()
-        for other, ts in zip(others, stamps, strict=True):
-            nb.add(other, ts, self.spec)
+        for other, ts, gap in zip(others, stamps, gaps, strict=True):
+            nb.add(other, ts, self.spec, gap)
         self.neighbours.update(nb)
         self.ticks.ensure(ctx, item)
         return nb
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        *event, user, others, stamps = value
+        *event, user, others, stamps, gaps = value
         if not event[0]:  # pairs another item's view gave this one
-            self._count(self.neighbours.value(), others, stamps, ctx, event[2])
+            self._count(self.neighbours.value(), others, stamps, gaps, ctx, event[2])
             return
         ev = Ev(*event)
         known = self.state.value()
@@ -248,7 +250,7 @@ class ItemFeatures(_Keyed):
         st.add(ev, self.spec)
         self.state.update(st)
         if others:
-            nb = self._count(nb, others, stamps, ctx, ev.item_id)
+            nb = self._count(nb, others, stamps, gaps, ctx, ev.item_id)
             row = nb.features(self.spec)
         features = st.features()
         yield "item_recent", ev.item_id, st.newest, json.dumps(features)

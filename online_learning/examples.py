@@ -156,8 +156,8 @@ class BatchExamples:
     >>> second = b.add(Ev("e2", "u", "b", "view", 2_000, ""))
     >>> first[0]["user"], second[0]["user"]["last_viewed_items"], second[0]["item"]
     (None, ['a'], None)
-    >>> b.item_features("b")["neighbours"], b.covisit_row("a")
-    (['a'], {'neighbours': ['b'], 'neighbour_counts': [1.0]})
+    >>> b.item_features("b")["neighbours"], b.covisit_row("a")  # views 1 s apart: 1 / (1 + 1/60)
+    (['a'], {'neighbours': ['b'], 'neighbour_counts': [0.983607]})
     >>> b.add(Ev("e2", "u", "b", "view", 2_000, "")) is None  # a duplicate
     True
     """
@@ -200,8 +200,8 @@ class BatchExamples:
         self.items.setdefault(ev.item_id, ItemState()).add(ev, self.spec)
         self.item_cache.pop(ev.item_id, None)
         if ev.behavior == "view":
-            for a, b, ts in self.views.setdefault(ev.user_id, RecentViews()).add(ev, self.spec):
-                self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec)
+            for a, b, ts, gap in self.views.setdefault(ev.user_id, RecentViews()).add(ev, self.spec):
+                self.neighbours.setdefault(a, Neighbours()).add(b, ts, self.spec, gap)
                 self.rows.pop(a, None)
                 self.item_cache.pop(a, None)
         self.builder.observe_item(ev.item_id, self.item_features(ev.item_id))

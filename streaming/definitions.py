@@ -182,7 +182,7 @@ class CoVisitPairs(KeyedProcessFunction):
         # then read, written and sent to Redis once, not once per partner. Each partner's own pair
         # goes to its own key.
         mine: dict[int, list[str]] = {}
-        for it, other, at in pairs:
+        for it, other, at, _ in pairs:  # an analyst's CoVisitation counts each pair 1
             if it == r.item_id:
                 mine.setdefault(at, []).append(other)
             else:

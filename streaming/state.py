@@ -67,6 +67,7 @@ class Spec(NamedTuple):
     covisit_half_life_ms: int = 3650 * 86_400_000  # 0: counts never fade
     covisit_kept: int = 100
     covisit_top_k: int = 20
+    covisit_proximity_ms: int = 60_000  # 0: a co-visit counts 1 however far apart its views
 
     @classmethod
     def of(cls, s: Settings) -> Spec:
@@ -83,6 +84,7 @@ class Spec(NamedTuple):
             covisit_half_life_ms=s.covisit_half_life_seconds * 1000,
             covisit_kept=s.covisit_kept,
             covisit_top_k=s.covisit_top_k,
+            covisit_proximity_ms=s.covisit_proximity_seconds * 1000,
         )
 
 
@@ -248,8 +250,9 @@ class RecentViews:
         self.views: list[tuple[int, str, str]] = []  # (ts, event_id, item)
         self.newest = 0
 
-    def add(self, ev: Ev, spec: Spec) -> list[tuple[str, str, int]]:
-        """Record a view; return the new co-visit pairs ``(item, other, ts)``, both ways."""
+    def add(self, ev: Ev, spec: Spec) -> list[tuple[str, str, int, int]]:
+        """Record a view; return the new co-visit pairs ``(item, other, ts, gap)``, both ways
+        (``ts`` the later view's time, ``gap`` the milliseconds between the two views)."""
         view = (ev.ts, ev.event_id, ev.item_id)
         i = bisect_left(self.views, view)
         if i < len(self.views) and self.views[i] == view:
@@ -258,9 +261,9 @@ class RecentViews:
         pairs = []
         for ts, _, item in self.views:
             if item != ev.item_id and abs(ts - ev.ts) <= spec.covisit_gap_ms:
-                at = max(ts, ev.ts)
-                pairs.append((ev.item_id, item, at))
-                pairs.append((item, ev.item_id, at))
+                at, gap = max(ts, ev.ts), abs(ts - ev.ts)
+                pairs.append((ev.item_id, item, at, gap))
+                pairs.append((item, ev.item_id, at, gap))
         self.newest = max(self.newest, ev.ts)
         # Bounded, so a bot cannot grow state (the one place where order can matter).
         cut = bisect_left(self.views, (self.newest - spec.covisit_keep_ms + 1,))
@@ -272,7 +275,9 @@ class Neighbours:
     """Co-visitation scores of one item with others, fading with event time instead of leaving
     a window.
 
-    A pair counts 1 at its time and halves every ``covisit_half_life_ms`` after, so a busy item
+    A pair counts ``1 / (1 + gap / covisit_proximity_ms)`` at its time (views seconds apart say
+    more about each other than views half an hour apart; the gap is the pair's own, so the
+    order of arrival still does not matter) and halves every ``covisit_half_life_ms`` after, so a busy item
     follows its trends while a rarely seen one keeps its history (a hard window forgot almost
     everything on a log spanning years). Scores are held relative to ``ref``, a multiple of 256
     half-lives, so they stay within float range; moving it scales them by a power of two, which
@@ -314,7 +319,7 @@ class Neighbours:
             for name, value in slots.items():
                 setattr(self, name, value)
 
-    def add(self, other: str, ts: int, spec: Spec) -> None:
+    def add(self, other: str, ts: int, spec: Spec, gap_ms: int = 0) -> None:
         half_life = spec.covisit_half_life_ms
         if ts > self.newest:
             self.newest = ts
@@ -326,6 +331,8 @@ class Neighbours:
                     self.ref = ref
                     self._top = None  # scores that sink below float's normal range can tie
         weight = 2.0 ** ((ts - self.ref) / half_life) if half_life else 1.0
+        if gap_ms and spec.covisit_proximity_ms:
+            weight /= 1.0 + gap_ms / spec.covisit_proximity_ms
         scores = self.scores
         score = scores[other] = scores.get(other, 0.0) + weight
         if self._top is not None:

@@ -65,8 +65,8 @@ def test_features_match_independent_counts(shared: Settings, reader: FeastRedisR
     for e in sorted(events, key=lambda e: (e.ts, e.event_id)):
         if e.behavior == "view":
             ev = Ev.of(e)
-            for a, b, at in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
-                neighbours.setdefault(a, Neighbours()).add(b, at, spec)
+            for a, b, at, gap in views.setdefault(e.user_id, RecentViews()).add(ev, spec):
+                neighbours.setdefault(a, Neighbours()).add(b, at, spec, gap)
     assert max(len(v.views) for v in views.values()) < shared.covisit_max_views  # no cut: order-free
     want_covisit = [neighbours[i].features(spec) for i in sorted(neighbours)]
     wait_until(lambda: [{k: (r or {}).get(k) for k in w} for r, w in

@@ -61,7 +61,9 @@ def test_job_emits_examples_with_features_from_before_the_event(shared: Settings
     assert buy["user"] is None and buy["item"] is None
     # the item's co-visitation row as of before the event: the pair of its first view, not this one's
     assert again["item"]["views"] == 1
-    assert (again["item"]["neighbours"], again["item"]["neighbour_counts"]) == (["tx-a"], [1.0])
+    # (views 1 s apart: the pair counts 1 / (1 + 1 s / the proximity setting))
+    near = float(f"{1 / (1 + 1_000 / (shared.covisit_proximity_seconds * 1000)):.6g}")
+    assert (again["item"]["neighbours"], again["item"]["neighbour_counts"]) == (["tx-a"], [near])
     negatives = [e for e in got if e["label"] == 0]
     assert negatives and all(e["behavior"] == "negative" for e in negatives)
     for n in negatives:

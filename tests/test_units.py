@@ -119,8 +119,8 @@ def _fold(events: list[Ev]) -> tuple:
         if not user.add(e, SPEC):
             continue  # a duplicate: the job forwards only new events
         item.add(e, SPEC)
-        for a, b, ts in views.add(e, SPEC) if e.behavior == "view" else []:
-            neigh.setdefault(a, Neighbours()).add(b, ts, SPEC)
+        for a, b, ts, gap in views.add(e, SPEC) if e.behavior == "view" else []:
+            neigh.setdefault(a, Neighbours()).add(b, ts, SPEC, gap)
     return (user.features(SPEC), item.features(), {k: v.features(SPEC) for k, v in sorted(neigh.items())})
 
 
@@ -175,6 +175,21 @@ def test_co_visit_rows_kept_up_to_date_equal_rows_ranked_afresh() -> None:
                 fresh = pickle.loads(pickle.dumps(n))  # the ranking is not pickled: this one ranks anew
                 assert got == fresh.features(spec)
                 assert len(got["neighbours"]) == min(spec.covisit_top_k, len(n.scores))
+
+
+def test_a_co_visit_counts_less_the_further_apart_its_views() -> None:
+    def row(spec: Spec) -> dict[str, object]:
+        views, n = RecentViews(), Neighbours()
+        for ts, item in [(0, "a"), (600_000, "far"), (1_000, "near")]:  # "near" arrives late
+            for a, b, at, gap in views.add(Ev(f"e{ts}", "u", item, "view", ts, ""), spec):
+                if a == "a":
+                    n.add(b, at, spec, gap)
+        return n.features(spec)
+
+    near, far = 1 / (1 + 1_000 / 60_000), 1 / (1 + 600_000 / 60_000)
+    spec = SPEC._replace(covisit_gap_ms=3_600_000, covisit_half_life_ms=0, covisit_proximity_ms=60_000)
+    assert row(spec) == {"neighbours": ["near", "far"], "neighbour_counts": [float(f"{near:.6g}"), float(f"{far:.6g}")]}
+    assert row(spec._replace(covisit_proximity_ms=0))["neighbour_counts"] == [1.0, 1.0]
 
 
 def test_co_visits_keep_bounded_state_and_read_a_windowed_checkpoint() -> None:
