@@ -8,8 +8,8 @@ with every id ever seen.
 
 :class:`TwoTower` is matrix factorization with a history tower: a user's vector is their own
 row (once admitted; it starts at zero and learns at a tenth of the items' rate) plus the mean
-of the rows of the items they viewed last. New users (most
-of a behavior log) get a useful vector from their first views, before their own id is admitted.
+of the rows of the items they viewed last. New users (most of a behavior log) get a useful
+vector from their first views, before their own id is admitted.
 It learns with the BPR loss (a positive should score above its sampled negative) in small
 batches with per-row Adagrad, and item rows double as a retrieval index (:meth:`TwoTower.nearest`).
 
