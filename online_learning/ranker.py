@@ -3,7 +3,7 @@
 Features: the user's and the item's recent counts (log-scaled), the item's buy rate, whether
 and how recently the user viewed the item, whether the item's category is among the user's
 top categories (and which), how strongly the item's co-visitation row names the user's newest
-views (:func:`covisit_share`), and the item's own id as a sparse feature. An id
+views (:func:`covisit_match`), and the item's own id as a sparse feature. An id
 earns a weight only after ``min_count`` sightings (:mod:`online_learning.admission`) and
 loses it when unseen for ``ttl_ms`` of event time, so the model stays as large as the
 catalogue that is alive, not as large as everything ever seen.
@@ -45,28 +45,34 @@ ITEM_COUNTS = ("views", "carts", "buys", "events")
 _ITEM_COLUMNS = (*ITEM_COUNTS, "buy_rate")
 _NO_ITEM = (0.0,) * len(_ITEM_COLUMNS)
 COVISIT_ANCHORS = 5  # the user's newest views the co-visitation feature looks for
+_NO_MATCH = (0.0, 0.0)
 
 
-def covisit_share(item: dict[str, Any] | None, at: dict[str, int]) -> float:
+def covisit_match(item: dict[str, Any] | None, at: dict[str, int]) -> tuple[float, float]:
     """How strongly the item's own co-visitation row (``neighbours``, ``neighbour_counts``) names
-    the user's newest views: each one found adds its share of the row, divided by 1 + its rank
-    among them (``at``: item -> rank, newest 0; see :func:`anchor_ranks`).
+    the user's newest views: each one found adds its count, divided by 1 + its rank among them
+    (``at``: item -> rank, newest 0; see :func:`anchor_ranks`). Returns that sum as a share of
+    the row, and log(1 + the sum): a popular candidate's row is spread over many partners, so
+    its share is small where the count itself is large (the count added 0.009 HR@10 on
+    MovieLens, docs/decisions/co-visit-proximity.md).
 
     The candidate's own row, not its anchors': the row is a feature of the item, read with its
     other features, so the stream needs no join (on MovieLens it also ranked better:
     docs/decisions/fading-co-visitation.md).
 
-    >>> covisit_share({"neighbours": ["a", "b", "c"], "neighbour_counts": [2.0, 1.0, 1.0]}, {"b": 0, "a": 1})
-    0.5
+    >>> share, strength = covisit_match({"neighbours": ["a", "b", "c"], "neighbour_counts": [2.0, 1.0, 1.0]},
+    ...                                 {"b": 0, "a": 1})
+    >>> share, round(strength, 4)  # b: 1 / (1 + 0), a: 2 / (1 + 1); log(1 + 2)
+    (0.5, 1.0986)
     """
     if not item or not at:
-        return 0.0
+        return _NO_MATCH
     names = item.get("neighbours")
     if not names:
-        return 0.0
+        return _NO_MATCH
     found = at.keys() & names  # in C: a request scores ~200 rows, a third of them hits
     if not found:
-        return 0.0
+        return _NO_MATCH
     counts = item.get("neighbour_counts") or ()
     hit = 0.0
     for other in sorted(found, key=at.__getitem__):  # a fixed order: the same float sum everywhere
@@ -74,9 +80,9 @@ def covisit_share(item: dict[str, Any] | None, at: dict[str, int]) -> float:
         if j < len(counts):  # a torn row scores what aligns
             hit += counts[j] / (1 + at[other])
     if not hit:
-        return 0.0
+        return _NO_MATCH
     total = sum(counts)
-    return hit / total if total else 0.0
+    return (hit / total if total else 0.0), math.log1p(hit)
 
 
 def anchor_ranks(user: dict[str, Any] | None) -> dict[str, int]:
@@ -111,10 +117,11 @@ def user_part(user: dict[str, Any] | None) -> dict[str, float]:
 def item_part(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | None,
               mf: float | None = None) -> dict[str, float]:
     x = {f"item={item_id}": 1.0}
-    share = covisit_share(item, anchor_ranks(user))
+    share, strength = covisit_match(item, anchor_ranks(user))
     if share:
         x["covisit"] = share
         x["covisit_hit"] = 1.0
+        x["covisit_log"] = strength
     if mf is not None:  # the embedding model's score, stacked: the ranker learns how far to trust it
         x["mf"] = mf
     if item:
@@ -250,9 +257,11 @@ class FTRLRanker:
             match = cat_at >= 0
             logit += match * (w.get("cat", 0.0) + w.get("cat_rank", 0.0) / (1 + np.where(match, cat_at, 0)))
         at = anchor_ranks(user)
-        if at and (w.get("covisit") or w.get("covisit_hit")):
-            share = np.fromiter((covisit_share(f, at) for f in rows), dtype=np.float64, count=n)
-            logit += share * w.get("covisit", 0.0) + (share > 0) * w.get("covisit_hit", 0.0)
+        if at and (w.get("covisit") or w.get("covisit_hit") or w.get("covisit_log")):
+            match = np.array([covisit_match(f, at) for f in rows], dtype=np.float64).reshape(n, 2)
+            share = match[:, 0]
+            logit += (share * w.get("covisit", 0.0) + (share > 0) * w.get("covisit_hit", 0.0)
+                      + match[:, 1] * w.get("covisit_log", 0.0))
         if mf is not None:
             logit += np.asarray(mf, dtype=np.float64) * w.get("mf", 0.0)
         return 1.0 / (1.0 + np.exp(-logit))

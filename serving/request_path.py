@@ -222,7 +222,7 @@ class RequestPath:
         return answer
 
     def _item_rows(self, items: list[str]) -> list[dict[str, Any] | None]:
-        # The ranker reads an item's co-visitation row too (online_learning/ranker.covisit_share).
+        # The ranker reads an item's co-visitation row too (online_learning/ranker.covisit_match).
         view = self.reader.join("item_recent+item_covisit", ["item_recent", "item_covisit"])
         return _cached(self.item_cache, items, self.item_cache_s,
                        lambda missing: self.reader.read([(view, i) for i in missing]))

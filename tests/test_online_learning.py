@@ -131,7 +131,7 @@ def test_ranker_vectorized_scores_equal_the_feature_path() -> None:
             for (i, f), m in zip(cands, mf.tolist(), strict=True)]
     assert np.allclose(fast, slow, rtol=1e-12, atol=0)
     assert r.model._weights.get("seen", 0) > 0 and r.model._weights.get("cat", 0) > 0  # the signals it was given
-    assert r.model._weights.get("covisit_hit", 0) > 0
+    assert r.model._weights.get("covisit_hit", 0) > 0 and r.model._weights.get("covisit_log", 0) != 0
 
 
 def test_ranker_restore_continues_identically() -> None:
