@@ -89,3 +89,19 @@ def environment(settings: Settings, name: str, restore: bool = True, batch: bool
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(settings.parallelism)
     return env
+
+
+def table_environment(batch: bool = False, parallelism: int = 1):  # noqa: ANN201
+    """A TableEnvironment for compiled definitions over files (tests, benchmarks), in UTC
+    (:func:`streaming.sql.use_utc`). Its JVM sees this venv as a job's does: the gateway is one
+    per process, so a job started later in the process runs its Python operators in it too."""
+    os.environ["PYTHONPATH"] = _python_path()
+    from pyflink.table import EnvironmentSettings, TableEnvironment
+
+    from streaming.sql import use_utc
+
+    t_env = TableEnvironment.create(EnvironmentSettings.in_batch_mode() if batch
+                                    else EnvironmentSettings.in_streaming_mode())
+    t_env.get_config().set("parallelism.default", str(parallelism))
+    use_utc(t_env)
+    return t_env

@@ -13,6 +13,13 @@ joined on (entity, pane). A distinct count is a running sum of +1/-1 steps (:cla
 the newest n values are LAGs (:class:`_Last`). Co-visitation and filtered last-N lists stay on
 the Python operators (streaming/definitions.py): :func:`split` says which is which.
 
+A stream needs operators that only append, each row final once the watermark passes it: there
+the earlier panes are a HOP window over pane totals, met by an interval join, and a 1 ms TUMBLE
+window makes one row per time (``select(..., stream=True)``; counts, sums, means, min and max
+so far). That plan gives the batch plan's rows in either runtime mode
+(tests/test_compiled_stream.py); a batch job keeps its own plan, which runs 1.4-3x faster
+(docs/benchmarks/compiled-stream.md).
+
 >>> from datetime import timedelta as td
 >>> from features.dsl import Feature, Count, CoVisitation, LastN, Ratio, Sliding, user
 >>> hour = Sliding(size=td(hours=1), slide=td(minutes=5))
@@ -30,12 +37,19 @@ the Python operators (streaming/definitions.py): :func:`split` says which is whi
 ['user_id', 'ts', 'views', 'buys', 'last__v0', 'last__t0', 'last__v1', 'last__t1', 'rate']
 >>> "RANGE BETWEEN 11 PRECEDING AND 1 PRECEDING" in q.insert("events", "sink")
 True
+>>> streamed, _ = split([views, buys, rate, last], stream=True)
+>>> [d.name for d in streamed]
+['views', 'buys', 'rate']
+>>> interval(55 * 60_000) in Query.of(user, streamed).select("events", stream=True)  # the 11 panes before
+True
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 from features.dsl import (
     Count,
@@ -61,20 +75,24 @@ EVENT_COLUMNS = (("event_id", "STRING"), ("user_id", "STRING"), ("item_id", "STR
 MAX_LAST_N = 50  # a column per entry: longer lists stay on the Python operators
 
 
-def _compiles(d: Definition) -> bool:
+def _compiles(d: Definition, stream: bool = False) -> bool:
+    if stream:  # the append-only plan: counts, sums, means, min and max (HOP windows: under 100 days)
+        return (isinstance(d, Feature) and isinstance(d.aggregation, Count | Sum | Mean | Min | Max)
+                and d.window.size < timedelta(milliseconds=MAX_INTERVAL_MS))
     if isinstance(d, Feature) and isinstance(d.aggregation, LastN):
         # A filtered list would need the newest accepted records as of every record: not compiled yet.
         return d.behaviors is None and d.aggregation.n <= MAX_LAST_N
     return isinstance(d, Feature) and isinstance(d.aggregation, COMPILED)
 
 
-def split(defs: Iterable[Definition]) -> tuple[list[Definition], list[Definition]]:
-    """(what compiles to SQL, what stays on the Python operators); a Ratio compiles when both its
-    sides do, and otherwise takes them along, so no definition is computed twice."""
+def split(defs: Iterable[Definition], stream: bool = False) -> tuple[list[Definition], list[Definition]]:
+    """(what compiles to SQL, what stays on the Python operators), for a batch job or a
+    ``stream``; a Ratio compiles when both its sides do, and otherwise takes them along, so no
+    definition is computed twice."""
     defs = list(defs)
-    python = {d.name for d in defs if not isinstance(d, Ratio) and not _compiles(d)}
+    python = {d.name for d in defs if not isinstance(d, Ratio) and not _compiles(d, stream)}
     for d in defs:
-        if isinstance(d, Ratio) and not (_compiles(d.numerator) and _compiles(d.denominator)):
+        if isinstance(d, Ratio) and not (_compiles(d.numerator, stream) and _compiles(d.denominator, stream)):
             python |= {d.name, d.numerator.name, d.denominator.name}
     return [d for d in defs if d.name not in python], [d for d in defs if d.name in python]
 
@@ -88,6 +106,26 @@ def literal(x: float) -> str:
     """A DOUBLE literal of exactly this float (a plain ``0.1`` would be a DECIMAL)."""
     text = repr(float(x))
     return text if "e" in text else text + "E0"
+
+
+MAX_INTERVAL_MS = 100 * 86_400_000  # Flink plans day-time literals of two day digits only
+
+
+def interval(ms: int) -> str:
+    """An exact INTERVAL literal of ``ms`` milliseconds (``SECOND`` alone holds two digits).
+
+    >>> interval(90_061_001)
+    "INTERVAL '1 01:01:01.001' DAY TO SECOND(3)"
+    """
+    if not 0 <= ms < MAX_INTERVAL_MS:
+        raise ValueError(f"{ms} ms is not an interval Flink SQL can plan (0 to 99 days)")
+    return (f"INTERVAL '{ms // 86_400_000} {ms // 3_600_000 % 24:02d}:{ms // 60_000 % 60:02d}:"
+            f"{ms // 1000 % 60:02d}.{ms % 1000:03d}' DAY TO SECOND(3)")
+
+
+def _epoch_ms(column: str) -> str:
+    """Milliseconds since the epoch of a TIMESTAMP_LTZ column (in a UTC session: :func:`use_utc`)."""
+    return f"(EXTRACT(EPOCH FROM {column}) * 1000 + EXTRACT(MILLISECOND FROM {column}))"
 
 
 def _string(text: str) -> str:
@@ -240,10 +278,19 @@ class Query:
         whose time is not NULL."""
         return {last.d.name: (last.values, last.times) for last in self.lasts}
 
-    def insert(self, source: str, sink: str) -> str:
+    def insert(self, source: str, sink: str, stream: bool = False) -> str:
+        return f"INSERT INTO {name(sink)}\n" + self.select(source, stream)
+
+    def select(self, source: str, stream: bool = False) -> str:
+        """The query over ``source``, the events' table. ``stream``: the plan whose operators only
+        append (:meth:`_stream_panes`), for a table with the event time ``rt`` (:func:`table`);
+        it runs in both modes, but a batch job runs the other plan faster."""
+        if stream and (self.distincts or self.lasts):
+            raise ValueError("distinct counts and last-N lists do not compile for a stream yet: "
+                             "split(defs, stream=True)")
         keys = [name(k) for k in self.kind.join_keys]
         k = ", ".join(keys)
-        columns = [*keys, "ts", "event_id", "behavior",
+        columns = [*keys, "ts", *(["rt"] if stream else []), "event_id", "behavior",
                    *(f"ts / {s.slide_ms} AS {col}" for s, col in self.shapes.items()),
                    *(f"{p.input} AS {p.x}" for p in self.parts), *(f"{d.input} AS {d.y}" for d in self.distincts),
                    *(f"{last.input} AS {last.z}" for last in self.lasts)]
@@ -252,7 +299,7 @@ class Query:
                 + (f" WHERE {' AND '.join(complete)}" if complete else "") + ")"]
         tables = []  # (CTE, its value columns): each has one row per entity and distinct time
         if self.parts:
-            ctes += self._panes(keys)
+            ctes += self._stream_panes(keys) if stream else self._panes(keys)
             tables.append(("g", [p.d.name for p in self.parts]))
         if self.distincts:
             ctes += self._steps(k)
@@ -270,7 +317,7 @@ class Query:
             ratios.append(f"CASE WHEN {den} <> 0.0E0 THEN ({num}) / ({den}) END AS {name(r.name)}")
         out = ", ".join([*(f"{first}.{key}" for key in keys), f"{first}.ts",
                          *(f"{t}.{name(c)}" for t, cols in tables for c in cols), *ratios])
-        return f"INSERT INTO {name(sink)}\nWITH " + ",\n".join(ctes) + f"\nSELECT {out} FROM {first} {joins}"
+        return "WITH " + ",\n".join(ctes) + f"\nSELECT {out} FROM {first} {joins}"
 
     def _panes(self, keys: list[str]) -> list[str]:
         """Counts, sums, means, min and max: the earlier panes of the window merged with the
@@ -310,6 +357,60 @@ class Query:
         ctes.append(f"g AS (SELECT {k}, ts, {grouped} FROM v GROUP BY {k}, ts)")
         return ctes
 
+    def _stream_panes(self, keys: list[str]) -> list[str]:
+        """Counts, sums, means, min and max: per window shape, the record's own pane up to it (a
+        record-level OVER window) and the earlier panes of its window (a HOP window over them,
+        joined by an interval join), then one row per entity and time (a 1 ms TUMBLE window);
+        the shapes meet in a window join. Every operator appends, so the same plan runs in a
+        stream, where each row is final once the watermark passes it."""
+        k = ", ".join(keys)
+        ctes, shapes = [], []
+        for shape, col in self.shapes.items():
+            parts = [p for p in self.parts if _Shape.of(p.d.window) == shape]
+            here = ", ".join(f"{agg}({p.x}) OVER (PARTITION BY {k}, {col} ORDER BY rt RANGE BETWEEN UNBOUNDED "
+                             f"PRECEDING AND CURRENT ROW) AS {c}_here" for p in parts for c, agg, _ in p.components())
+            ctes.append(f"c_{col} AS (SELECT {k}, ts, rt, {col}, {here} FROM r)")
+            values, join = [], ""
+            for p in parts:
+                comps = p.components()
+                before = [f"{c}_before" for c, _, _ in comps] if shape.panes > 1 else None
+                values.append(f"{p.value(before, [f'{c}_here' for c, _, _ in comps])} AS {name(p.d.name)}")
+            if shape.panes > 1:  # the window's earlier panes: a HOP window ending where the record's pane starts
+                # over pane totals, not records: a record would go to every one of its panes' windows
+                totals = ", ".join(f"{agg}({p.x}) AS {c}" for p in parts for c, agg, _ in p.components())
+                tumble = f"TUMBLE(TABLE r, DESCRIPTOR(rt), {interval(shape.slide_ms)})"
+                ctes.append(f"t_{col} AS (SELECT {k}, window_time AS pt, {totals} FROM TABLE({tumble}) "
+                            f"GROUP BY {k}, window_start, window_end, window_time)")
+                merged = ", ".join(f"{merge}({c}) AS {c}_before" for p in parts for c, _, merge in p.components())
+                hop = (f"HOP(TABLE t_{col}, DESCRIPTOR(pt), {interval(shape.slide_ms)}, "
+                       f"{interval((shape.panes - 1) * shape.slide_ms)})")
+                # the pane the window ends at: the records' pane, as a join key (a batch join
+                # would otherwise pair each record with every window of its entity)
+                ends = f"({_epoch_ms('window_time')} + 1) / {shape.slide_ms}"
+                ctes.append(f"b_{col} AS (SELECT {k}, window_time AS wt, {ends} AS {col}, {merged} FROM TABLE({hop}) "
+                            f"GROUP BY {k}, window_start, window_end, window_time)")
+                # the time bounds make it an interval join in a stream: its state leaves with the watermark
+                on = " AND ".join([*(f"c_{col}.{key} = b_{col}.{key}" for key in [*keys, col]),
+                                   f"c_{col}.rt > b_{col}.wt",
+                                   f"c_{col}.rt <= b_{col}.wt + {interval(shape.slide_ms)}"])
+                join = f" LEFT JOIN b_{col} ON {on}"
+            ctes.append(f"v_{col} AS (SELECT {', '.join(f'c_{col}.{key}' for key in keys)}, c_{col}.ts, c_{col}.rt, "
+                        f"{', '.join(values)} FROM c_{col}{join})")
+            # Records of one time share their values (RANGE frames take a row's peers): one row per time.
+            grouped = ", ".join(f"MAX({name(p.d.name)}) AS {name(p.d.name)}" for p in parts)
+            ctes.append(f"g_{col} AS (SELECT {k}, window_start, window_end, MAX(ts) AS ts, {grouped} FROM "
+                        f"TABLE(TUMBLE(TABLE v_{col}, DESCRIPTOR(rt), {interval(1)})) "
+                        f"GROUP BY {k}, window_start, window_end)")
+            shapes.append((f"g_{col}", [p.d.name for p in parts]))
+        first = shapes[0][0]
+        joins = " ".join(f"JOIN {g} ON " + " AND ".join(f"{first}.{c} = {g}.{c}" for c in [*keys, "window_start",
+                                                                                        "window_end"])
+                         for g, _ in shapes[1:])
+        out = [*(f"{first}.{key}" for key in keys), f"{first}.ts",
+               *(f"{g}.{name(c)}" for g, cols in shapes for c in cols)]
+        ctes.append(f"g AS (SELECT {', '.join(out)} FROM {first} {joins})")
+        return ctes
+
     def _steps(self, k: str) -> list[str]:
         """Distinct counts: each record's steps on the entity's time line, beside a 0 step at each
         record's own time (where the running sums are read)."""
@@ -337,10 +438,21 @@ def queries(defs: Iterable[Definition]) -> list[Query]:
     return [Query.of(kind, group) for kind, group in by_kind.items()]
 
 
-def table(table_name: str, columns: Iterable[tuple[str, str]], path: str) -> str:
-    """A tab-separated file table (ids hold no control characters: the schema refuses them)."""
+def table(table_name: str, columns: Iterable[tuple[str, str]], path: str, lateness_ms: int | None = None) -> str:
+    """A tab-separated file table (ids hold no control characters: the schema refuses them).
+
+    With ``lateness_ms``, the events' table of :meth:`Query.insert`: its event time ``rt``, with
+    a watermark that far behind the newest row (a batch job reads every row whatever it says)."""
     cols = ", ".join(f"{name(c)} {t}" for c, t in columns)
+    if lateness_ms is not None:
+        cols += f", rt AS TO_TIMESTAMP_LTZ(ts, 3), WATERMARK FOR rt AS rt - {interval(lateness_ms)}"
     return (f"CREATE TEMPORARY TABLE {name(table_name)} ({cols}) WITH ('connector' = 'filesystem', "
             f"'path' = {_string(path)}, 'format' = 'csv', 'csv.field-delimiter' = '\\t', "
             "'csv.disable-quote-character' = 'true', 'csv.null-literal' = '')")
 
+
+
+def use_utc(t_env: Any) -> None:
+    """Windows over TIMESTAMP_LTZ times align in the session's time zone; panes are UTC, as in
+    streaming/aggregates.py (a day's pane starts at midnight UTC)."""
+    t_env.get_config().set("table.local-time-zone", "UTC")
