@@ -176,9 +176,13 @@ class _Part:
         """(column suffix, aggregate over records, merge over panes)."""
         return [(f"{self.x}_{n}", agg, merge) for n, (agg, merge) in enumerate(self.aggs)]
 
-    def value(self, before: list[str] | None, here: list[str]) -> str:
-        """The value from the earlier panes' merged aggregates (None: a one-pane window) and
-        this pane's, as Python computes it (a count or sum of nothing is 0, the rest NULL)."""
+    def value(self) -> str:
+        """The value from the earlier panes' merged aggregates (columns ``<component>_before``;
+        none in a one-pane window) and this pane's (``<component>_here``), as Python computes
+        it (a count or sum of nothing is 0, the rest NULL)."""
+        comps = [c for c, _, _ in self.components()]
+        here = [f"{c}_here" for c in comps]
+        before = [f"{c}_before" for c in comps] if _Shape.of(self.d.window).panes > 1 else None
         if self.kind in ("count", "sum"):
             zero = "0" if self.kind == "count" else "0.0E0"
             parts = [f"COALESCE({c}, {zero})" for c in ([*before, *here] if before else here)]
@@ -343,13 +347,7 @@ class Query:
             ctes.append(f"b_{col} AS (SELECT {k}, {col}, {before} FROM t_{col})")
             on = " AND ".join(f"c.{key} = b_{col}.{key}" for key in [*keys, col])
             joins.append(f"LEFT JOIN b_{col} ON {on}")
-        values = []
-        for p in self.parts:
-            comps = p.components()
-            multi = _Shape.of(p.d.window).panes > 1
-            before = [f"{c}_before" for c, _, _ in comps] if multi else None
-            value = p.value(before, [f"{c}_here" for c, _, _ in comps])
-            values.append(f"{value} AS {name(p.d.name)}")
+        values = [f"{p.value()} AS {name(p.d.name)}" for p in self.parts]
         ctes.append(f"v AS (SELECT {', '.join(f'c.{key}' for key in keys)}, c.ts, {', '.join(values)} "
                     f"FROM c {' '.join(joins)})")
         # Records of one time share their values (RANGE frames take a row's peers): one row per time.
@@ -370,11 +368,7 @@ class Query:
             here = ", ".join(f"{agg}({p.x}) OVER (PARTITION BY {k}, {col} ORDER BY rt RANGE BETWEEN UNBOUNDED "
                              f"PRECEDING AND CURRENT ROW) AS {c}_here" for p in parts for c, agg, _ in p.components())
             ctes.append(f"c_{col} AS (SELECT {k}, ts, rt, {col}, {here} FROM r)")
-            values, join = [], ""
-            for p in parts:
-                comps = p.components()
-                before = [f"{c}_before" for c, _, _ in comps] if shape.panes > 1 else None
-                values.append(f"{p.value(before, [f'{c}_here' for c, _, _ in comps])} AS {name(p.d.name)}")
+            values, join = [f"{p.value()} AS {name(p.d.name)}" for p in parts], ""
             if shape.panes > 1:  # the window's earlier panes: a HOP window ending where the record's pane starts
                 # over pane totals, not records: a record would go to every one of its panes' windows
                 totals = ", ".join(f"{agg}({p.x}) AS {c}" for p in parts for c, agg, _ in p.components())
