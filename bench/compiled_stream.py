@@ -54,8 +54,8 @@ def run(path: Path, mode: str, plan: str, lateness_ms: int) -> float:
     t_env.execute_sql(sql.table("events", sql.EVENT_COLUMNS, str(path), lateness_ms=lateness_ms))
     statements = t_env.create_statement_set()
     for q in sql.queries(sql.split(load("features.catalog"), stream=True)[0]):
-        columns = ", ".join(f"{sql.name(c)} {t}" for c, t in q.columns)
-        t_env.execute_sql(f"CREATE TEMPORARY TABLE rows_{q.kind.name} ({columns}) WITH ('connector' = 'blackhole')")
+        t_env.execute_sql(f"CREATE TEMPORARY TABLE rows_{q.kind.name} ({sql.column_list(q.columns)}) "
+                          "WITH ('connector' = 'blackhole')")
         statements.add_insert_sql(q.insert("events", f"rows_{q.kind.name}", stream=plan == "stream"))
     started = time.monotonic()
     statements.execute().wait()

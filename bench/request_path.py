@@ -43,13 +43,11 @@ def main() -> int:
     import redis
 
     from connectors.embedded import start_redis
-    from connectors.feast_redis import FeastRedisReader
-    from features.definitions import FEATURE_VIEWS
     from freshrec.config import Settings
     from freshrec.seed import seed_online_state
     from online_learning.publish import ParameterStore
     from serving.models import ServedModels
-    from serving.request_path import RequestPath
+    from serving.request_path import RequestPath, ranking_reader
 
     work = Path(tempfile.mkdtemp(prefix="freshrec-path-"))
     server = start_redis(work / "redis")
@@ -60,8 +58,8 @@ def main() -> int:
         client = redis.Redis.from_url(s.redis_url)
         models = ServedModels(ParameterStore(client, s.feast_project), 1000)
         models.refresh()
-        path = RequestPath(client, FeastRedisReader(client, s.feast_project, FEATURE_VIEWS), models,
-                           s.feast_project, item_cache_ms=0)
+        reader, inputs = ranking_reader(client, s)
+        path = RequestPath(client, reader, models, s.feast_project, item_cache_ms=0, inputs=inputs)
         scored: list[tuple[dict[str, Any] | None, list[tuple[str, Any]]]] = []
         score = path._score
 

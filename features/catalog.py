@@ -2,7 +2,9 @@
 
 Add a definition here (or in your own module named by FRESHREC_FEATURES), run
 ``freshrec features validate`` and ``freshrec features plan``, then ``freshrec features apply``:
-the feature job picks it up when it restarts, and ``freshrec backfill`` fills its history.
+the catalogue job picks it up when it restarts, and ``freshrec backfill`` fills its history.
+List it in ``ranking`` (at the end) and the ranker learns from it and the API scores with it;
+``freshrec evaluate --features NAME,...`` measures a log with and without it first.
 """
 
 from datetime import timedelta
@@ -14,6 +16,7 @@ from features.dsl import (
     Feature,
     LastN,
     Max,
+    Ranking,
     Ratio,
     Sliding,
     Sum,
@@ -90,3 +93,6 @@ item_covisited_1d = CoVisitation(
     owner=OWNER, description="Items viewed within 30 minutes of this one by the same users, today.",
     tags={"team": "recsys", "use": "candidates"},
 )
+
+ranking = Ranking(features=[user_views_1h, user_engagement_1d, user_distinct_items_1h, item_views_1h,
+                            item_buy_rate_1h, item_buyers_1d])

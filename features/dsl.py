@@ -298,6 +298,22 @@ class CoVisitation(Definition):
                 f"{int(self.window.slide.total_seconds())}|{self.top_k}|{self.max_views}")
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """The ranker's inputs beyond the built-in views: definitions of the user or of the
+    candidate item, each a number (``ranking = Ranking(features=[...])`` in a catalogue).
+
+    The trainer learns from them and the API scores with them; at most one per catalogue.
+    It becomes the Feast ``FeatureService`` named ``name``, with the built-in views."""
+
+    features: Sequence[Definition] = ()
+    name: str = "ranking"
+
+    def names(self, kind: EntityKind) -> tuple[str, ...]:
+        """The listed definitions of one entity kind, in the order written."""
+        return tuple(d.name for d in self.features if isinstance(d, Definition) and d.entity_kind == kind)
+
+
 # --- validation ----------------------------------------------------------------------------
 
 class DefinitionError(ValueError):
@@ -438,6 +454,28 @@ def validate(defs: Iterable[Definition]) -> list[str]:
     return out
 
 
+def validate_ranking(r: Ranking, defs: Iterable[Definition]) -> list[str]:
+    """Every problem of a ranking service against its catalogue's definitions."""
+    known = {d.name: d for d in defs}
+    if not isinstance(r.features, list | tuple):
+        return ["ranking: features: a list of definitions, e.g. features=[user_views_1h]"]
+    out: list[str] = []
+    for d in r.features:
+        if not isinstance(d, Definition):
+            out.append(f"ranking: features: {d!r} is not a definition; list Feature or Ratio objects")
+        elif known.get(d.name) is not d:
+            out.append(f"ranking: features: {d.name!r} is not among the catalogue's definitions; define it at the "
+                       "catalogue's top level")
+        elif d.entity_kind not in (user, item):
+            out.append(f"ranking: features: {d.name} is per {d.entity_kind}; the ranker reads the user's and the "
+                       "candidate item's values, so list user or item definitions")
+        elif d.dtype not in ("int64", "float64"):
+            out.append(f"ranking: features: {d.name} is not a number ({d.dtype}); the ranker weighs numbers")
+    names = [d.name for d in r.features if isinstance(d, Definition)]
+    out += [f"ranking: features: {n} is listed twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    return out
+
+
 # --- catalogues ----------------------------------------------------------------------------
 
 def collect(module: Any) -> list[Definition]:
@@ -445,9 +483,7 @@ def collect(module: Any) -> list[Definition]:
     return [v for v in vars(module).values() if isinstance(v, Definition)]
 
 
-def load(spec: str) -> list[Definition]:
-    """Definitions from a module name (``features.catalog``) or a ``.py`` file; raises
-    :class:`DefinitionError` naming every problem."""
+def _module(spec: str) -> Any:
     try:
         if spec.endswith(".py"):
             path = Path(spec)
@@ -458,14 +494,34 @@ def load(spec: str) -> list[Definition]:
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[mod_spec.name] = module
             mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(spec)
+            return module
+        return importlib.import_module(spec)
     except DefinitionError:
         raise
     except Exception as exc:  # noqa: BLE001 - an analyst's file: say where it broke, not a traceback
         raise DefinitionError([f"{spec}: cannot load the definitions: {exc.__class__.__name__}: {exc}"]) from exc
-    defs = collect(module)
+
+
+def load(spec: str) -> list[Definition]:
+    """Definitions from a module name (``features.catalog``) or a ``.py`` file; raises
+    :class:`DefinitionError` naming every problem."""
+    defs = collect(_module(spec))
     problems = validate(defs)
     if problems:
         raise DefinitionError(problems)
     return defs
+
+
+def load_ranking(spec: str) -> Ranking:
+    """The catalogue's :class:`Ranking` (an empty one when it declares none), checked against
+    its definitions; raises :class:`DefinitionError` naming every problem."""
+    module = _module(spec)
+    defs = collect(module)
+    found = [v for v in vars(module).values() if isinstance(v, Ranking)]
+    if len(found) > 1:
+        raise DefinitionError([f"{spec}: {len(found)} Ranking declarations; keep one"])
+    ranking = found[0] if found else Ranking()
+    problems = validate(defs) + validate_ranking(ranking, defs)
+    if problems:
+        raise DefinitionError(problems)
+    return ranking

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from feast import FeatureView, Field, FileSource
+from feast import FeatureService, FeatureView, Field, FileSource
 from feast.types import Array, Float64, Int64, String
 
 from features.definitions import FEATURE_VIEWS, category, item, user
-from features.dsl import CoVisitation, Definition, Feature, Ratio, load
+from features.dsl import CoVisitation, Definition, Feature, Ranking, Ratio, load
 from freshrec.config import Settings
 
 _DTYPES = {"int64": Int64, "float64": Float64, "array<string>": Array(String)}
@@ -56,6 +56,20 @@ def all_views(settings: Settings, defs: list[Definition] | None = None) -> list[
     return [*FEATURE_VIEWS, *definition_views(load(settings.features) if defs is None else defs)]
 
 
+def ranking_service(ranking: Ranking) -> FeatureService:
+    """The ranker's inputs as Feast sees them: the built-in views and the listed definitions."""
+    return FeatureService(name=ranking.name, features=[*FEATURE_VIEWS, *definition_views(ranking.features)],
+                          description="What the ranker weighs: the built-in views and the catalogue's Ranking "
+                                      "definitions; the trainer learns from them, the API scores with them.",
+                          owner="recsys@freshrec", tags={"team": "recsys"})
+
+
+def service_names(service: FeatureService | None) -> list[str]:
+    """The definitions a registered ranking service lists (beyond the built-in views)."""
+    built_in = {v.name for v in FEATURE_VIEWS}
+    return [p.name for p in service.feature_view_projections if p.name not in built_in] if service else []
+
+
 @dataclass
 class Plan:
     """What ``freshrec features apply`` would change in the registry."""
@@ -65,16 +79,19 @@ class Plan:
     described: list[str] = field(default_factory=list)  # only metadata (owner, description, TTL, tags)
     removed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    ranking: list[str] | None = None  # the ranking service's new definitions, when they change
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.changed or self.described or self.removed)
+        return not (self.added or self.changed or self.described or self.removed or self.ranking is not None)
 
     @property
     def restarts(self) -> list[str]:
         """Jobs that must restart to run the new catalogue."""
-        return ["freshrec-features (the streaming feature job)"] if (self.added or self.changed or self.removed) \
-            else []
+        jobs = ["the catalogue job"] if (self.added or self.changed or self.removed) else []
+        if self.ranking is not None:  # the training examples, the model's inputs and what the API reads
+            jobs += ["the feature job", "the trainer", "the API"]
+        return jobs
 
     @property
     def backfills(self) -> list[str]:
@@ -86,6 +103,8 @@ class Plan:
                                    ("*", "metadata only", self.described), ("-", "removed", self.removed)):
             for n in names:
                 lines.append(f"  {mark} {n}  [{title}]")
+        if self.ranking is not None:
+            lines.append("  ~ ranking service: the built-in views" + "".join(f", {n}" for n in self.ranking))
         if self.empty:
             return f"No changes: {len(self.unchanged)} definitions match the registry."
         out = ["Feature definitions vs the registry:", *lines]
@@ -96,9 +115,14 @@ class Plan:
         return "\n".join(out)
 
 
-def plan(defs: list[Definition], registered: list[FeatureView]) -> Plan:
-    """Compare the catalogue with the catalogue views already in the registry."""
+def plan(defs: list[Definition], registered: list[FeatureView], ranking: Ranking | None = None,
+         registered_ranking: FeatureService | None = None) -> Plan:
+    """Compare the catalogue (and its ranking service, when given) with the registry's."""
     p = Plan()
+    if ranking is not None:
+        names = [d.name for d in ranking.features]
+        if names != service_names(registered_ranking) or registered_ranking is None:
+            p.ranking = names
     have = {v.name: v for v in registered if DEFINED_TAG in (v.tags or {})}
     for d in defs:
         old = have.pop(d.name, None)

@@ -42,15 +42,15 @@ def feature_store(settings: Settings) -> FeatureStore:
 
 
 def apply(settings: Settings) -> FeatureStore:
-    """Register the entities and feature views (what `feast apply` does for features/repo),
-    and delete catalogue views whose definitions are gone."""
+    """Register the entities, the feature views and the ranking service (what `feast apply` does
+    for features/repo), and delete catalogue views whose definitions are gone."""
     from features.definitions import ENTITIES
-    from features.dsl import load
-    from features.registry import all_views, plan
+    from features.dsl import load, load_ranking
+    from features.registry import all_views, plan, ranking_service
 
     store = feature_store(settings)
     defs = load(settings.features)
     gone = plan(defs, store.list_feature_views()).removed
-    store.apply([*ENTITIES, *all_views(settings, defs)], objects_to_delete=[store.get_feature_view(n) for n in gone],
-                partial=False)
+    store.apply([*ENTITIES, *all_views(settings, defs), ranking_service(load_ranking(settings.features))],
+                objects_to_delete=[store.get_feature_view(n) for n in gone], partial=False)
     return store

@@ -9,6 +9,7 @@
   freshrec config                     every FRESHREC_* setting with its default
   freshrec deploy [--print | --submit]  topic plan and the `flink run` for a Flink cluster (FRESHREC_FLINK_*)
   freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
+                 [--features none|a,b]  ... with other definitions for the ranker to weigh
   freshrec model [list | rollback --to VERSION]   published model versions; serve an older snapshot again
   freshrec train --source FILE        warm start: learn a historical log, publish the models as a snapshot
                  [--from-offline-store]  ... with the features the offline store logged
@@ -240,13 +241,15 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from connectors.logfile import LogFormatError
-    from freshrec.evaluate import evaluate, format_table
+    from freshrec.evaluate import evaluate, format_table, ranking_of
 
     source = Path(args.source)
+    ranking = ranking_of(Settings.from_env().features, args.features)  # a DefinitionError names the problem
     try:
-        report = evaluate(source, args.format, Path(args.out), args.limit, progress=not args.quiet)
+        report = evaluate(source, args.format, Path(args.out), args.limit, progress=not args.quiet, ranking=ranking)
     except LogFormatError as exc:
         raise UserError(str(exc)) from None
+    print("ranker inputs: the built-in views" + "".join(f", {n}" for n in report["ranking_features"]))
     print(f"{report['events']:,} events from {source} in {report['seconds']} s "
           f"({report['events_per_second']:,} events/s)"
           + (f"; refused: {report['refused']}" if report["refused"] else ""))
@@ -338,12 +341,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from features.dsl import load
+    from features.dsl import load, load_ranking
     from features.registry import plan
     from features.store import apply, feature_store
 
     s = Settings.from_env()
     defs = load(s.features)  # a DefinitionError lists every problem, by definition and field
+    ranking = load_ranking(s.features)
     if args.action == "validate":
         from streaming.sql import split
 
@@ -352,6 +356,8 @@ def cmd_features(args: argparse.Namespace) -> int:
         print(f"  the backfill runs {len(compiled)} as Flink SQL: {', '.join(d.name for d in compiled) or '-'}")
         print(f"  and {len(rest)} on Python operators: {', '.join(d.name for d in rest) or '-'}")
         print("  (the stream runs every definition on Python operators)")
+        print(f"  the ranker weighs the built-in views and {len(ranking.features)} of them: "
+              + (", ".join(d.name for d in ranking.features) or "-"))
         return 0
     if args.action == "parity":
         if not args.source:
@@ -362,17 +368,19 @@ def cmd_features(args: argparse.Namespace) -> int:
         print(report.render(show=args.show))
         return 0 if not report.mismatches else 1
     try:
-        registered = feature_store(s).list_feature_views()
+        store = feature_store(s)
+        registered = store.list_feature_views()
+        service = next((f for f in store.list_feature_services() if f.name == ranking.name), None)
     except Exception:  # noqa: BLE001 - no registry yet: everything is new
-        registered = []
-    changes = plan(defs, registered)
+        registered, service = [], None
+    changes = plan(defs, registered, ranking, service)
     print(changes.render())
     if args.action == "apply" and not changes.empty:
         apply(s)
         print(f"applied to the Feast registry of project {s.feast_project}")
         if changes.restarts:
-            print("restart the catalogue job to compute the new definitions (`freshrec down` / `freshrec up`, or "
-                  "`freshrec deploy --submit` on a cluster; its checkpoint keeps the other features' state)")
+            print(f"restart {', '.join(changes.restarts)} (`freshrec down` / `freshrec up`, or `freshrec deploy "
+                  "--submit` on a cluster; checkpoints keep the other features' state)")
     return 0
 
 
@@ -440,6 +448,8 @@ def parser() -> argparse.ArgumentParser:
     ev = log_source(sub.add_parser("evaluate", help="prequential top-K evaluation of the online models and "
                                                     "baselines on a log"))
     ev.add_argument("--out", default="bench/results", help="where evaluate.json and evaluate.png go")
+    ev.add_argument("--features", help="the definitions the ranker weighs beyond the built-in views, comma-separated "
+                                       "(`none`: only those); default: the catalogue's ranking service")
     ev.set_defaults(func=cmd_evaluate)
     md = sub.add_parser("model", help="published model versions; roll back to a snapshot")
     md.add_argument("action", nargs="?", default="list", choices=["list", "rollback"])

@@ -25,7 +25,9 @@ recent first) and ``covisit_knn`` (neighbours of the user's last 3 items by adja
 sequences, popularity to fill).
 
 The features, examples and co-visitation counts come from the same code the streaming job
-runs (streaming/state.py, online_learning/examples.py).
+runs (streaming/state.py, online_learning/examples.py). The ranker weighs the catalogue's
+ranking service (features/dsl.Ranking) unless ``features`` names other definitions: run a log
+with and without one to see what it adds.
 """
 
 from __future__ import annotations
@@ -45,12 +47,15 @@ from tqdm import tqdm
 
 from connectors.replay import sorted_events
 from connectors.schema import BehaviorEvent, InvalidEvent
+from features.dsl import DefinitionError, Ranking, load, load_ranking, validate_ranking
 from freshrec.baselines import CoVisitation, LastDistinct, Popularity, most_common
 from online_learning.examples import BatchExamples, ExampleBuilder
+from online_learning.ranker import Inputs
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
 from serving.candidates import POLICY, Policy, interleave
 from serving.ranking import rank
+from streaming.ranking_inputs import RankingInputs
 from streaming.state import Ev, Spec
 
 PROTOCOLS = ("next_item", "next_new_item")
@@ -201,18 +206,19 @@ class Evaluation:
     the freeze point. ``all`` does both in one process."""
 
     def __init__(self, spec: Spec | None = None, freeze_at: float = 0.2, slices: int = 20, seed: int = 0,
-                 part: str = "all", policy: Policy = POLICY) -> None:
+                 part: str = "all", policy: Policy = POLICY, ranking: Ranking | None = None) -> None:
         if part not in ("all", "live", "frozen"):
             raise ValueError(f"part must be all, live or frozen, not {part!r}")
         self.part = part
         self.policy = policy  # the API's candidate policy: what is measured is what is served
         self.spec = spec or Spec()
         self.freeze_at, self.n_slices = freeze_at, slices
-        self.batch = BatchExamples(ExampleBuilder(seed=seed), self.spec)
+        self.ranking = ranking or Ranking()
+        self.batch = BatchExamples(ExampleBuilder(seed=seed), self.spec, RankingInputs(self.ranking))
         self.seen: dict[str, set[str]] = defaultdict(set)
         self.popularity = SlidingPopularity(self.spec.window_ms)
         self.by_category = CategoryPopularity(self.spec.window_ms)
-        self.online = OnlineRecommender.default(seed=seed)
+        self.online = OnlineRecommender.default(seed=seed, inputs=Inputs.of(self.ranking))
         self.frozen: OnlineRecommender | None = None
         # The daily-retrained copy: the online models as of the start of the event's day (their
         # day's changes applied as one delta, as a replica would), not learning within the day.
@@ -344,6 +350,7 @@ class Evaluation:
         return {"source": source, "events": n_events, "refused": refused, "seconds": round(seconds, 1),
                 "events_per_second": round(n_events / max(seconds, 1e-9)), "freeze_at": self.freeze_at,
                 "protocols": list(PROTOCOLS), "methods": list(METHODS),
+                "ranking_features": [d.name for d in self.ranking.features],
                 "overall": self.scores.table(), "over_time": slices, **(summary or self.summary())}
 
 
@@ -384,17 +391,37 @@ def format_table(report: dict[str, Any]) -> str:
 _EVENTS: list[BehaviorEvent] = []  # handed to forked workers without pickling
 
 
-def _work(part: str, progress: bool) -> tuple[Scores, dict[str, Any]]:
+def _work(part: str, progress: bool, ranking: Ranking) -> tuple[Scores, dict[str, Any]]:
     one_thread()  # two workers on two cores: more threads only contend
-    ev = Evaluation(part=part)
+    ev = Evaluation(part=part, ranking=ranking)
     for _ in ev.run(_EVENTS, progress):
         pass
     return ev.scores.plain(), ev.summary()
 
 
+def ranking_of(catalogue: str, features: str | None = None) -> Ranking:
+    """The ranking service to evaluate: the catalogue's own (``features`` None), only the
+    built-in views ("none"), or the catalogue's definitions named, comma-separated."""
+    if features is None:
+        return load_ranking(catalogue)
+    names = [n.strip() for n in features.split(",") if n.strip() and n.strip() != "none"]
+    defs = {d.name: d for d in load(catalogue)}
+    unknown = [n for n in names if n not in defs]
+    if unknown:
+        raise DefinitionError([f"--features: {n!r} is not a definition of {catalogue}; use one of "
+                               + ", ".join(defs) for n in unknown])
+    ranking = Ranking(features=[defs[n] for n in names])
+    problems = validate_ranking(ranking, defs.values())
+    if problems:
+        raise DefinitionError(problems)
+    return ranking
+
+
 def evaluate(source: Path, fmt: str = "auto", out: Path = Path("bench/results"), limit: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Evaluate a log; the frozen copies are scored by a second process (two cores, half the time)."""
+             progress: bool = True, ranking: Ranking | None = None) -> dict[str, Any]:
+    """Evaluate a log; the frozen copies are scored by a second process (two cores, half the time).
+    ``ranking``: the definitions the ranker weighs (:func:`ranking_of`; none by default)."""
+    ranking = ranking or Ranking()
     events, refused = load_events(source, fmt, limit)
     if not events:
         raise ValueError(f"{source}: no valid events to evaluate" + (f" ({dict(refused)})" if refused else ""))
@@ -402,12 +429,12 @@ def evaluate(source: Path, fmt: str = "auto", out: Path = Path("bench/results"),
     _EVENTS[:] = events
     try:
         with mp.get_context("fork").Pool(2) as pool:
-            frozen = pool.apply_async(_work, ("frozen", False))
-            live = pool.apply_async(_work, ("live", progress))
+            frozen = pool.apply_async(_work, ("frozen", False, ranking))
+            live = pool.apply_async(_work, ("live", progress, ranking))
             (scores, summary), (frozen_scores, _) = live.get(), frozen.get()
     finally:
         _EVENTS.clear()
-    ev = Evaluation()
+    ev = Evaluation(ranking=ranking)
     ev.scores.merge(scores)
     ev.scores.merge(frozen_scores)
     report = ev.report(str(source), len(events), time.perf_counter() - started, dict(refused), summary)

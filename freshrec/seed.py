@@ -2,8 +2,8 @@
 
 For the serving benchmark, the API tests and trying the API on its own: a simulated log is
 folded through the job's own state classes (streaming/state.py, via the batch example
-builder) into rows in Feast's
-layout, and a model learned on the same log is published as a snapshot. Trending is simpler
+builder; the ranking service's definitions through streaming/aggregates.py) into rows in
+Feast's layout, and a model learned on the same log is published as a snapshot. Trending is simpler
 than the job's: the most active items of the last 20k events, overall and per category.
 """
 
@@ -18,7 +18,8 @@ from connectors.feast_redis import FeastRedisWriter
 from connectors.schema import validate
 from connectors.simulator import simulate
 from features.definitions import FEATURE_VIEWS
-from features.dsl import trending_key
+from features.dsl import item, load_ranking, trending_key, user
+from features.registry import definition_views
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.trainer import learn_log
@@ -33,10 +34,14 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     client = redis.Redis.from_url(settings.redis_url)
     ParameterStore(client, settings.feast_project).publish("snapshot", rec.snapshot(), 0, {"examples": n})
     ts = events[-1].ts
-    rows = [("user_recent", u, ts, batch.user_features(u)) for u in batch.users]
-    rows += [("item_recent", i, ts, batch.item_features(i)) for i in batch.items]
+    ranking = load_ranking(settings.features)
+    # A user's row holds the ranking service's user definitions too; each is a view of its own.
+    user_views = ["user_recent", *ranking.names(user)]
+    item_views = ["item_recent", *ranking.names(item)]
+    rows = [(view, u, ts, row) for u in batch.users for row in [batch.user_features(u)] for view in user_views]
+    rows += [(view, i, ts, row) for i in batch.items for row in [batch.item_features(i)] for view in item_views]
     rows += [("item_covisit", i, ts, batch.covisit_row(i)) for i in batch.neighbours]
-    FeastRedisWriter(client, settings.feast_project, FEATURE_VIEWS).write(rows)
+    FeastRedisWriter(client, settings.feast_project, [*FEATURE_VIEWS, *definition_views(ranking.features)]).write(rows)
     last = events[-20_000:]
     popular = Counter(e.item_id for e in last).most_common(settings.trending_size)
     client.set(trending_key(settings.feast_project), json.dumps({"ts": ts, "items": popular}))

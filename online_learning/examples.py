@@ -35,7 +35,10 @@ import random
 from collections import Counter, OrderedDict
 from typing import Any, TypedDict
 
+from features.dsl import Ranking
 from freshrec.config import Settings
+from streaming.aggregates import EntityState
+from streaming.ranking_inputs import RankingInputs
 from streaming.state import Ev, ItemState, Neighbours, RecentViews, Spec, UserState
 
 CONVERSIONS = ("click", "cart", "fav", "buy")
@@ -160,10 +163,16 @@ class BatchExamples:
     (['a'], {'neighbours': ['b'], 'neighbour_counts': [0.983607]})
     >>> b.add(Ev("e2", "u", "b", "view", 2_000, "")) is None  # a duplicate
     True
+
+    ``ranking``: the ranking service's definitions, folded per user and item beside the
+    built-in views (as the job's operators fold them) and added to their features by name.
     """
 
-    def __init__(self, builder: ExampleBuilder, spec: Spec | None = None) -> None:
+    def __init__(self, builder: ExampleBuilder, spec: Spec | None = None, ranking: RankingInputs | None = None) -> None:
         self.builder, self.spec = builder, spec or Spec()
+        self.ranking = ranking or RankingInputs(Ranking())
+        self.defined: dict[str, dict[str, EntityState]] = {"user": {}, "item": {}}  # ranking definitions' state
+        self.newest = -(2**63)
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
         self.views: dict[str, RecentViews] = {}  # per user, for pairing
@@ -173,7 +182,10 @@ class BatchExamples:
 
     def user_features(self, user: str) -> dict[str, Any] | None:
         st = self.users.get(user)
-        return st.features(self.spec) if st else None
+        if not st:
+            return None
+        kind = self.ranking.user
+        return st.features(self.spec) | kind.values(self.defined["user"].get(user)) if kind else st.features(self.spec)
 
     def covisit_row(self, item: str) -> dict[str, Any]:
         """The item's ``item_covisit`` row as the job writes it; {} before its first co-visit."""
@@ -186,7 +198,9 @@ class BatchExamples:
     def item_features(self, item: str) -> dict[str, Any] | None:
         if item not in self.item_cache:
             st = self.items.get(item)
-            self.item_cache[item] = st.features() | self.covisit_row(item) if st else None
+            kind = self.ranking.item
+            row = st.features() | self.covisit_row(item) if st else None
+            self.item_cache[item] = row | kind.values(self.defined["item"].get(item)) if row and kind else row
         return self.item_cache[item]
 
     def add(self, ev: Ev, user: dict[str, Any] | None = None) -> list[Example] | None:
@@ -197,6 +211,12 @@ class BatchExamples:
         if not self.users.setdefault(ev.user_id, UserState()).add(ev, self.spec):
             return None
         examples = self.builder.add(ev, user, self.item_features(ev.item_id))
+        self.newest = max(self.newest, ev.ts)
+        for kind, key, states in ((self.ranking.user, ev.user_id, self.defined["user"]),
+                                  (self.ranking.item, ev.item_id, self.defined["item"])):
+            if kind:
+                # A log read in order never goes back further than the job's lateness allows.
+                states[key] = kind.add(states.get(key), ev, lambda: self.newest - self.spec.dedup_ms - 1)
         self.items.setdefault(ev.item_id, ItemState()).add(ev, self.spec)
         self.item_cache.pop(ev.item_id, None)
         if ev.behavior == "view":

@@ -11,9 +11,11 @@ from the values serving saw. Each event gets, point in time:
   ``observe_item``, as the job feeds it the item's features after the event).
 
 An item's features are its ``item_recent`` row joined with its ``item_covisit`` row, each
-looked up as above. For a log whose users and items each have at most one event per
-millisecond, arriving in time order, the ``item_recent`` and ``user_recent`` parts equal the
-streaming job's and ``BatchExamples``'. Otherwise they are stricter: of events in the same
+looked up as above; a user's and an item's rows gain the ranking service's definitions
+(features/dsl.Ranking) from the catalogue job's final rows, looked up the same way. For a log
+whose users and items each have at most one event per millisecond, arriving in time order,
+the ``item_recent`` and ``user_recent`` parts equal the streaming job's and
+``BatchExamples``'. Otherwise they are stricter: of events in the same
 millisecond, none sees another's features (the job's see those that arrived before), and an
 event that arrived late sees the features of its own time. The job logs an item's co-visitation
 row once per flush tick, not per pair, so the row found may miss the pairs of the last tick
@@ -104,9 +106,11 @@ class OfflineExamples:
     """
 
     def __init__(self, builder: ExampleBuilder, users: AsOf, items: AsOf, spec: Spec,
-                 covisit: AsOf | None = None) -> None:
+                 covisit: AsOf | None = None, ranked_users: list[AsOf] | None = None,
+                 ranked_items: list[AsOf] | None = None) -> None:
         self.builder, self.users, self.items, self.spec = builder, users, items, spec
         self.covisit = covisit or AsOf(0)
+        self.ranked_users, self.ranked_items = ranked_users or [], ranked_items or []  # one per definition
         self.seen: dict[str, Seen] = {}
         self.first: dict[str, int] = {}  # user -> time of their first event in the log
         self.missing = 0  # events of a user seen earlier in the log whose features the store lacks
@@ -116,7 +120,7 @@ class OfflineExamples:
         if not self.seen.setdefault(ev.user_id, Seen()).first(ev.event_id, ev.ts, self.spec.dedup_ms):
             return None
         first = self.first.setdefault(ev.user_id, ev.ts)
-        user = self.users.before(ev.user_id, ev.ts)
+        user = _with(self.users.before(ev.user_id, ev.ts), self.ranked_users, ev.user_id, ev.ts, AsOf.before)
         if first < ev.ts and not self.users.logged_before(ev.user_id, ev.ts):  # the job would have
             self.missing += 1
         examples = self.builder.add(ev, user, self._item(ev.item_id, ev.ts, AsOf.before))
@@ -126,7 +130,20 @@ class OfflineExamples:
     def _item(self, item: str, ts: int, lookup: Callable[[AsOf, str, int], Row | None]) -> Row | None:
         row = lookup(self.items, item, ts)
         covisit = lookup(self.covisit, item, ts) if row is not None else None
-        return row | covisit if covisit else row
+        return _with(row | covisit if covisit else row, self.ranked_items, item, ts, lookup)
+
+
+def _with(row: Row | None, views: list[AsOf], key: str, ts: int,
+          lookup: Callable[[AsOf, str, int], Row | None]) -> Row | None:
+    """A built-in row with the definitions' values found for it (each view holds one)."""
+    if row is None or not views:
+        return row
+    out = dict(row)
+    for view in views:
+        found = lookup(view, key, ts)
+        if found:
+            out.update(found)
+    return out
 
 
 def read_view(store: Any, name: str, start_ms: int, end_ms: int) -> AsOf:
@@ -158,6 +175,7 @@ class OfflineStoreError(Exception):
 def offline_examples(settings: Settings, events: list[Ev], builder: ExampleBuilder) -> OfflineExamples:
     """:class:`OfflineExamples` for ``events`` (in time order), reading the views they need."""
     from features.definitions import item_covisit, item_recent, user_recent
+    from features.dsl import item, load_ranking, user
     from features.store import feature_store, repo_dir
 
     start, end = min(e.ts for e in events), max(e.ts for e in events)
@@ -170,4 +188,7 @@ def offline_examples(settings: Settings, events: list[Ev], builder: ExampleBuild
             f"the offline store ({repo_dir(settings) / 'offline'}) holds no {user_recent.name} rows for "
             f"{span}: the feature job logs them while it runs (freshrec up), for the events it reads; "
             "without --from-offline-store, training recomputes the features from the log")
-    return OfflineExamples(builder, users, items, Spec.of(settings), covisit)
+    ranking = load_ranking(settings.features)
+    ranked_users, ranked_items = ([read_view(store, name, start, end) for name in ranking.names(kind)]
+                                  for kind in (user, item))
+    return OfflineExamples(builder, users, items, Spec.of(settings), covisit, ranked_users, ranked_items)

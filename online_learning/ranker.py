@@ -3,7 +3,8 @@
 Features: the user's and the item's recent counts (log-scaled), the item's buy rate, whether
 and how recently the user viewed the item, whether the item's category is among the user's
 top categories (and which), how strongly the item's co-visitation row names the user's newest
-views (:func:`covisit_match`), and the item's own id as a sparse feature. An id
+views (:func:`covisit_match`), the item's own id as a sparse feature, and the definitions the
+catalogue's ranking service lists (:class:`Inputs`, features/dsl.Ranking). An id
 earns a weight only after ``min_count`` sightings (:mod:`online_learning.admission`) and
 loses it when unseen for ``ttl_ms`` of event time, so the model stays as large as the
 catalogue that is alive, not as large as everything ever seen.
@@ -30,12 +31,14 @@ True
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from river import linear_model, optim
 
+from features import dsl
 from online_learning.admission import CountingFilter
 from online_learning.examples import Example
 from online_learning.params import decode_for, encode, strings
@@ -95,13 +98,47 @@ def anchor_ranks(user: dict[str, Any] | None) -> dict[str, int]:
     return at
 
 
+class Inputs(NamedTuple):
+    """The ranking service's definitions (features/dsl.Ranking) the ranker weighs beyond the
+    built-in views, by name: the user's, and each candidate item's."""
+
+    user: tuple[str, ...] = ()
+    item: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, ranking: dsl.Ranking) -> Inputs:
+        return cls(ranking.names(dsl.user), ranking.names(dsl.item))
+
+
+BUILT_IN = Inputs()
+
+
+def scaled(v: float) -> float:
+    """A definition's value as the ranker weighs it: sign(v) log(1 + |v|), one scale for counts,
+    sums, rates and times alike (FTRL's learning rate suits features near 1).
+
+    >>> scaled(0.0), round(scaled(9.0), 4), round(scaled(-9.0), 4)
+    (0.0, 2.3026, -2.3026)
+    """
+    return math.copysign(math.log1p(abs(v)), v)
+
+
+def _defined(prefix: str, row: dict[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for name in names:
+        v = row.get(name)
+        if v:  # absent, None (a mean of nothing) and 0 all weigh nothing
+            out[prefix + name] = scaled(float(v))
+    return out
+
+
 class _LogisticRegression(linear_model.LogisticRegression):
     def _raw_dot_one(self, x: dict[str, float]) -> float:
         w = self._weights
         return sum(w.get(j, 0.0) * xj for j, xj in x.items()) + self.intercept
 
 
-def user_part(user: dict[str, Any] | None) -> dict[str, float]:
+def user_part(user: dict[str, Any] | None, inputs: Inputs = BUILT_IN) -> dict[str, float]:
     """The user's share of the features (the same for every candidate of one request).
 
     ``bias`` is a constant feature, so FTRL learns the base rate at a per-coordinate rate;
@@ -111,11 +148,12 @@ def user_part(user: dict[str, Any] | None) -> dict[str, float]:
     30k; with ``bias``, -0.58 and near 20k (measured, one run)."""
     if not user:
         return {"bias": 1.0, "u_new": 1.0}
-    return {"bias": 1.0} | {f"u_{k}": math.log1p(user.get(k) or 0) for k in USER_COUNTS}
+    x = {"bias": 1.0} | {f"u_{k}": math.log1p(user.get(k) or 0) for k in USER_COUNTS}
+    return x | _defined("u.", user, inputs.user) if inputs.user else x
 
 
 def item_part(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | None,
-              mf: float | None = None) -> dict[str, float]:
+              mf: float | None = None, inputs: Inputs = BUILT_IN) -> dict[str, float]:
     x = {f"item={item_id}": 1.0}
     share, strength = covisit_match(item, anchor_ranks(user))
     if share:
@@ -128,6 +166,8 @@ def item_part(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | 
         for k in ITEM_COUNTS:
             x[f"i_{k}"] = math.log1p(item.get(k) or 0)
         x["i_buy_rate"] = float(item.get("buy_rate") or 0.0)
+        if inputs.item:
+            x.update(_defined("i.", item, inputs.item))
     else:
         x["i_new"] = 1.0
     recent = (user or {}).get("last_viewed_items") or []
@@ -146,17 +186,19 @@ def item_part(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | 
 
 
 def features(user: dict[str, Any] | None, item_id: str, item: dict[str, Any] | None,
-             mf: float | None = None) -> dict[str, float]:
-    return user_part(user) | item_part(user, item_id, item, mf)
+             mf: float | None = None, inputs: Inputs = BUILT_IN) -> dict[str, float]:
+    return user_part(user, inputs) | item_part(user, item_id, item, mf, inputs)
 
 
 class FTRLRanker:
     name = "ftrl"
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, l1: float = 0.1, l2: float = 1.0,
-                 min_count: int = 2, ttl_ms: int = 6 * 3_600_000, filter_width: int = 1 << 20) -> None:
+                 min_count: int = 2, ttl_ms: int = 6 * 3_600_000, filter_width: int = 1 << 20,
+                 user_inputs: Sequence[str] = (), item_inputs: Sequence[str] = ()) -> None:
         self.hyper = {"alpha": alpha, "beta": beta, "l1": l1, "l2": l2, "min_count": min_count, "ttl_ms": ttl_ms,
                       "filter_width": filter_width}
+        self.use(Inputs(tuple(user_inputs), tuple(item_inputs)))
         self.model = _LogisticRegression(optimizer=optim.FTRLProximal(alpha=alpha, beta=beta, l1=l1, l2=l2),
                                          l2=0.0, intercept_lr=0.01)
         self.admission = CountingFilter(width=filter_width)
@@ -167,6 +209,12 @@ class FTRLRanker:
         self._changed: set[str] = set()
         self._removed: set[str] = set()
         self.pinned: tuple[dict[str, float], float] | None = None  # the served version's weights, see pin()
+
+    def use(self, inputs: Inputs) -> None:
+        """Weigh these definitions from now on (the ranking service changed). Deltas carry them,
+        so a replica scores with the inputs its weights were learned with."""
+        self.inputs = inputs
+        self.hyper |= {"user_inputs": list(inputs.user), "item_inputs": list(inputs.item)}
 
     # -- learning -------------------------------------------------------------------------
     def _admit(self, x: dict[str, float], ts: int) -> dict[str, float]:
@@ -180,7 +228,8 @@ class FTRLRanker:
         return out
 
     def predict_one(self, ex: Example, mf: float | None = None) -> float:
-        return float(self.model.predict_proba_one(features(ex["user"], ex["item_id"], ex["item"], mf))[True])
+        return float(self.model.predict_proba_one(features(ex["user"], ex["item_id"], ex["item"], mf,
+                                                                 self.inputs))[True])
 
     def pin(self) -> None:
         """Remember the current weights as the served version's, to score examples with both
@@ -190,7 +239,7 @@ class FTRLRanker:
     def learn_one(self, ex: Example, mf: float | None = None) -> tuple[float, float | None]:
         """Learn from one example; returns the probability predicted just before (test-then-train),
         and the one the pinned weights predict (None when nothing is pinned)."""
-        x = self._admit(features(ex["user"], ex["item_id"], ex["item"], mf), ex["ts"])
+        x = self._admit(features(ex["user"], ex["item_id"], ex["item"], mf, self.inputs), ex["ts"])
         p = float(self.model.predict_proba_one(x)[True])
         p_pinned = None
         if self.pinned is not None:
@@ -232,7 +281,7 @@ class FTRLRanker:
         n = len(candidates)
         ids = [i for i, _ in candidates]
         rows = [f for _, f in candidates]
-        base = self.model.intercept + sum(w.get(k, 0.0) * v for k, v in user_part(user).items())
+        base = self.model.intercept + sum(w.get(k, 0.0) * v for k, v in user_part(user, self.inputs).items())
         # map() over dict.get runs in C: per-candidate Python frames were most of the cost.
         # An absent or null field reads as NaN here, as 0 after nan_to_num (`or 0` in features).
         cols = np.array([tuple(map(f.get, _ITEM_COLUMNS)) if f else _NO_ITEM for f in rows],
@@ -262,6 +311,12 @@ class FTRLRanker:
             share = match[:, 0]
             logit += (share * w.get("covisit", 0.0) + (share > 0) * w.get("covisit_hit", 0.0)
                       + match[:, 1] * w.get("covisit_log", 0.0))
+        if self.inputs.item:
+            names = self.inputs.item
+            defined = np.array([tuple(map(f.get, names)) if f else (None,) * len(names) for f in rows],
+                               dtype=np.float64).reshape(n, len(names))
+            np.nan_to_num(defined, copy=False, nan=0.0)
+            logit += (np.sign(defined) * np.log1p(np.abs(defined))) @ np.array([w.get("i." + k, 0.0) for k in names])
         if mf is not None:
             logit += np.asarray(mf, dtype=np.float64) * w.get("mf", 0.0)
         return 1.0 / (1.0 + np.exp(-logit))
@@ -323,6 +378,8 @@ class FTRLRanker:
             if seen >= 0:
                 self.last_seen[k] = seen
         self.model.intercept = header["intercept"]
+        hyper = header["hyper"]
+        self.use(Inputs(tuple(hyper.get("user_inputs", ())), tuple(hyper.get("item_inputs", ()))))
         self.newest, self.examples = header["newest"], header["examples"]
         self.model.optimizer.n_iterations = header["iterations"]
 

@@ -28,7 +28,7 @@ import numpy as np
 from online_learning.embeddings import TwoTower
 from online_learning.examples import Example
 from online_learning.params import decode
-from online_learning.ranker import FTRLRanker
+from online_learning.ranker import BUILT_IN, FTRLRanker, Inputs
 
 Model = FTRLRanker | TwoTower
 MODELS: dict[str, type[FTRLRanker] | type[TwoTower]] = {FTRLRanker.name: FTRLRanker, TwoTower.name: TwoTower}
@@ -40,8 +40,9 @@ class OnlineRecommender:
 
     @classmethod
     def default(cls, min_count: int = 2, ttl_ms: int = 6 * 3_600_000, max_rows: int | None = 200_000,
-                seed: int = 0) -> OnlineRecommender:
-        return cls(FTRLRanker(min_count=min_count, ttl_ms=ttl_ms),
+                seed: int = 0, inputs: Inputs = BUILT_IN) -> OnlineRecommender:
+        """``inputs``: the ranking service's definitions the ranker weighs (:class:`Inputs`)."""
+        return cls(FTRLRanker(min_count=min_count, ttl_ms=ttl_ms, user_inputs=inputs.user, item_inputs=inputs.item),
                    TwoTower(min_count=min_count, ttl_ms=ttl_ms, max_rows=max_rows, seed=seed))
 
     @property

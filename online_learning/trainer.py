@@ -31,14 +31,17 @@ from kafka import TopicPartition
 
 from connectors.kafka import consumer
 from connectors.log_epoch import EpochWatch
+from features.dsl import load_ranking
 from freshrec.config import Settings
 from jobs.topics import epoch_topic, examples_topic, topic_plan
 from online_learning.examples import BatchExamples, Example, ExampleBuilder
 from online_learning.gate import QualityGate
 from online_learning.params import decode
 from online_learning.publish import ParameterStore, Version
+from online_learning.ranker import Inputs
 from online_learning.recommender import OnlineRecommender
 from online_learning.threads import one_thread
+from streaming.ranking_inputs import RankingInputs
 from streaming.state import Ev, Spec
 
 SLOW_PUBLISH_MS = 250  # logged: learning and publishing wait meanwhile
@@ -46,7 +49,7 @@ SLOW_PUBLISH_MS = 250  # logged: learning and publishing wait meanwhile
 
 def new_recommender(s: Settings) -> OnlineRecommender:
     return OnlineRecommender.default(min_count=s.min_count, ttl_ms=s.param_ttl_seconds * 1000,
-                                     max_rows=s.embedding_rows)
+                                     max_rows=s.embedding_rows, inputs=Inputs.of(load_ranking(s.features)))
 
 
 def rebuild(chain: list[Version], rec: OnlineRecommender | None = None) -> OnlineRecommender | None:
@@ -82,6 +85,10 @@ class Trainer:
             self.offsets = {int(p): o for p, o in chain[-1].meta.get("offsets", {}).items()}
             self.epoch = chain[-1].meta.get("epoch")
             self.rec.ranker.pin()
+            inputs = Inputs.of(load_ranking(settings.features))
+            if inputs != rec.ranker.inputs:  # the ranking service changed: new inputs start at weight 0
+                self.log(f"the ranking service changed: the ranker weighs {inputs} (was {rec.ranker.inputs})")
+                rec.ranker.use(inputs)
             self.log(f"resumed at version {self.version} (snapshot {chain[0].version} + {len(chain) - 1} deltas), "
                      f"offsets {self.offsets}")
         self.rec.forget_delta()  # what was rebuilt is published already
@@ -249,7 +256,7 @@ def learn_log(settings: Settings, events: list[Any], progress: bool = True,
     evs = [Ev.of(e) for e in events]
     builder = ExampleBuilder.of(settings)
     source = (offline_examples(settings, evs, builder) if from_offline_store
-              else BatchExamples(builder, Spec.of(settings)))
+              else BatchExamples(builder, Spec.of(settings), RankingInputs(load_ranking(settings.features))))
     n = 0
     for ev in tqdm(evs, unit="ev", disable=None if progress else True, file=sys.stderr, mininterval=0.5,
                    desc="learning"):

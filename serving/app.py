@@ -36,7 +36,6 @@ from connectors.embedded import port_bindable
 from connectors.feast_redis import FeastRedisReader
 from connectors.kafka import BrokerError, EventProducer
 from connectors.schema import InvalidEvent
-from features.definitions import FEATURE_VIEWS
 from features.dsl import KEY_SEPARATOR
 from features.registry import DEFINED_TAG, all_views
 from freshrec.config import Settings
@@ -45,7 +44,7 @@ from online_learning.threads import one_thread
 from serving.limits import BodyLimit
 from serving.metrics import Metrics, RequestTimer
 from serving.models import ServedModels, UnknownVersion, freeze_heap
-from serving.request_path import Answer, Context, RequestPath
+from serving.request_path import Answer, Context, RequestPath, ranking_reader
 from serving.status import StatusFeed
 
 UI = Path(__file__).parent / "ui"
@@ -173,14 +172,15 @@ def create_app(settings: Settings | None = None, own_process: bool = False, stan
         one_thread()  # workers share few cores (online_learning/threads.py)
     timeout = settings.redis_timeout_ms / 1000
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
-    reader = FeastRedisReader(client, settings.feast_project, FEATURE_VIEWS)
+    reader, inputs = ranking_reader(client, settings)
     producer: list[EventProducer] = []  # created on first ingest, so the API starts without a broker
     # Versions move whole snapshots (a rollback copies one: tens of MB), so the follower and the
     # admin endpoints have a client with a longer timeout than the request path's.
     store = ParameterStore(redis.Redis.from_url(settings.redis_url, socket_timeout=10, socket_connect_timeout=2),
                            settings.feast_project)
     models = ServedModels(store, settings.model_poll_ms, freeze=own_process)
-    path = RequestPath(client, reader, models, settings.feast_project, settings.item_cache_ms)
+    path = RequestPath(client, reader, models, settings.feast_project, settings.item_cache_ms,
+                       inputs=inputs)
     metrics = Metrics(models, path)
     # The page's views: every feature view, the catalogue's too, through a reader of their own
     # (the request path's caches stay the hot path's).

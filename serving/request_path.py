@@ -32,7 +32,11 @@ import numpy as np
 import redis
 
 from connectors.feast_redis import FeastRedisReader
-from features.dsl import trending_key
+from features.definitions import FEATURE_VIEWS
+from features.dsl import load_ranking, trending_key
+from features.registry import definition_views
+from freshrec.config import Settings
+from online_learning.ranker import BUILT_IN, Inputs
 from serving.candidates import POLICY, Policy, interleave
 from serving.models import Choice, ServedModels
 from serving.ranking import rank
@@ -132,10 +136,23 @@ class _Clock:
         self.t = now
 
 
+def ranking_reader(client: redis.Redis, s: Settings) -> tuple[FeastRedisReader, Inputs]:
+    """A reader of the views the ranking service names (FRESHREC_FEATURES), and the service's
+    definitions as the ranker's inputs."""
+    ranking = load_ranking(s.features)
+    return (FeastRedisReader(client, s.feast_project, [*FEATURE_VIEWS, *definition_views(ranking.features)]),
+            Inputs.of(ranking))
+
+
 class RequestPath:
     def __init__(self, client: redis.Redis, reader: FeastRedisReader, models: ServedModels,
-                 project: str, item_cache_ms: int = 250, policy: Policy = POLICY) -> None:
+                 project: str, item_cache_ms: int = 250, policy: Policy = POLICY, inputs: Inputs = BUILT_IN) -> None:
         self.client, self.reader, self.models, self.project = client, reader, models, project
+        # The ranking service's definitions share their entity's Redis hash with the built-in
+        # views: one HMGET per entity reads both (the reader must know their views).
+        self.user_view = reader.join("user_recent+ranking", ["user_recent", *inputs.user])
+        # The ranker reads an item's co-visitation row too (online_learning/ranker.covisit_match).
+        self.item_view = reader.join("item_recent+item_covisit+ranking", ["item_recent", "item_covisit", *inputs.item])
         self.policy = policy  # which candidates, how many (serving/candidates.py; `evaluate` measures the same)
         self.item_cache_s = item_cache_ms / 1000
         self.item_cache: dict[str, tuple[float, dict[str, Any] | None]] = {}
@@ -160,7 +177,7 @@ class RequestPath:
             return self._fallback(user_id, k, context, choice, f"online store unavailable: {exc}", clock)
 
     def _recommend(self, user_id: str, k: int, context: Context, choice: Choice | None, clock: _Clock) -> Answer:
-        (user,) = self.reader.read([("user_recent", user_id)])
+        (user,) = self.reader.read([(self.user_view, user_id)])
         self._refresh_trending()
         clock.lap("user")
         recent = list(user.get("last_viewed_items") or [])[:self.policy.anchors] if user else []
@@ -222,10 +239,8 @@ class RequestPath:
         return answer
 
     def _item_rows(self, items: list[str]) -> list[dict[str, Any] | None]:
-        # The ranker reads an item's co-visitation row too (online_learning/ranker.covisit_match).
-        view = self.reader.join("item_recent+item_covisit", ["item_recent", "item_covisit"])
         return _cached(self.item_cache, items, self.item_cache_s,
-                       lambda missing: self.reader.read([(view, i) for i in missing]))
+                       lambda missing: self.reader.read([(self.item_view, i) for i in missing]))
 
     def _in_categories(self, categories: list[str]) -> list[str]:
         """The trending lists of these categories, interleaved; a list read in the last second

@@ -243,9 +243,11 @@ class Window:
         first, _ = self.op.window(ts)
         if self.first is None:
             self.first = first
-            for p, acc in self.panes.items():
-                if p >= first:
-                    self._enter(acc)
+            for p in list(self.panes):
+                if p < first:  # settled earlier, out of reach of this record and every later one
+                    del self.panes[p]
+                else:
+                    self._enter(self.panes[p])
             return
         if first <= self.first:
             return
@@ -389,9 +391,10 @@ class EntityState:
 
         return plan.values({op.name: op.result(accs(op)) for op in plan.ops})
 
-    def settle(self, horizon: int, plan: Plan) -> list[tuple[int, dict[str, Any]]]:
+    def settle(self, horizon: int, plan: Plan, finals: bool = True) -> list[tuple[int, dict[str, Any]]]:
         """Move records up to ``horizon`` into the settled panes, in event-time order; return
-        the final row of each distinct time passed."""
+        the final row of each distinct time passed (none without ``finals``: a caller that
+        only needs online values skips their cost)."""
         self._upgrade(plan)
         if horizon <= self.horizon:
             return []
@@ -404,7 +407,7 @@ class EntityState:
             for w in windows:
                 if w.op.accepts(r):
                     w.add(r)
-            if i + 1 == len(passing) or passing[i + 1].ts != r.ts:
+            if finals and (i + 1 == len(passing) or passing[i + 1].ts != r.ts):
                 rows.append((r.ts, plan.values({w.op.name: w.value(r.ts) for w in windows})))
         if passing:
             self._evict(plan)

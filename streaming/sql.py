@@ -323,6 +323,10 @@ class Query:
                          *(f"{t}.{name(c)}" for t, cols in tables for c in cols), *ratios])
         return "WITH " + ",\n".join(ctes) + f"\nSELECT {out} FROM {first} {joins}"
 
+    def _parts(self, shape: _Shape) -> list[_Part]:
+        """The parts whose windows have this shape."""
+        return [p for p in self.parts if _Shape.of(p.d.window) == shape]
+
     def _panes(self, keys: list[str]) -> list[str]:
         """Counts, sums, means, min and max: the earlier panes of the window merged with the
         record's own pane up to it."""
@@ -336,7 +340,7 @@ class Query:
         ctes = [f"c AS (SELECT {k}, ts, {', '.join(self.shapes.values())}, {', '.join(here)} FROM r)"]
         joins = []
         for shape, col in self.shapes.items():
-            parts = [p for p in self.parts if _Shape.of(p.d.window) == shape]
+            parts = self._parts(shape)
             if shape.panes == 1:
                 continue
             totals = ", ".join(f"{agg}({p.x}) AS {c}" for p in parts for c, agg, _ in p.components())
@@ -364,7 +368,7 @@ class Query:
         k = ", ".join(keys)
         ctes, shapes = [], []
         for shape, col in self.shapes.items():
-            parts = [p for p in self.parts if _Shape.of(p.d.window) == shape]
+            parts = self._parts(shape)
             here = ", ".join(f"{agg}({p.x}) OVER (PARTITION BY {k}, {col} ORDER BY rt RANGE BETWEEN UNBOUNDED "
                              f"PRECEDING AND CURRENT ROW) AS {c}_here" for p in parts for c, agg, _ in p.components())
             ctes.append(f"c_{col} AS (SELECT {k}, ts, rt, {col}, {here} FROM r)")
@@ -432,18 +436,22 @@ def queries(defs: Iterable[Definition]) -> list[Query]:
     return [Query.of(kind, group) for kind, group in by_kind.items()]
 
 
+def column_list(columns: Iterable[tuple[str, str]]) -> str:
+    """``(name, SQL type)`` pairs as a CREATE TABLE's column list."""
+    return ", ".join(f"{name(c)} {t}" for c, t in columns)
+
+
 def table(table_name: str, columns: Iterable[tuple[str, str]], path: str, lateness_ms: int | None = None) -> str:
     """A tab-separated file table (ids hold no control characters: the schema refuses them).
 
     With ``lateness_ms``, the events' table of :meth:`Query.insert`: its event time ``rt``, with
     a watermark that far behind the newest row (a batch job reads every row whatever it says)."""
-    cols = ", ".join(f"{name(c)} {t}" for c, t in columns)
+    cols = column_list(columns)
     if lateness_ms is not None:
         cols += f", rt AS TO_TIMESTAMP_LTZ(ts, 3), WATERMARK FOR rt AS rt - {interval(lateness_ms)}"
     return (f"CREATE TEMPORARY TABLE {name(table_name)} ({cols}) WITH ('connector' = 'filesystem', "
             f"'path' = {_string(path)}, 'format' = 'csv', 'csv.field-delimiter' = '\\t', "
             "'csv.disable-quote-character' = 'true', 'csv.null-literal' = '')")
-
 
 
 def use_utc(t_env: Any) -> None:

@@ -156,6 +156,30 @@ def test_a_record_with_several_partners_counts_as_each_pair() -> None:
     assert run(joined) == run(singles)
 
 
+def test_settling_in_steps_across_long_gaps_gives_the_rows_of_one_settle() -> None:
+    """An entity settled now and then (the training path settles every few dozen records),
+    quiet for many windows in between: panes settled before a gap must not be counted out
+    when the window jumps past them (a distinct count once raised KeyError there)."""
+    minute = 60_000
+    w = Sliding(size=td(hours=1), slide=td(minutes=5))
+    defs = [_f("distinct", DistinctCount(of="item_id"), w), _f("last", LastN(of="item_id", n=3), w),
+            _f("n", Count(), w)]
+    plan = Plan.of(defs)
+    times = [0, 50, 65, 300, 302, 900, 2000, 2001, 2003, 2100]  # minutes: gaps of hours
+    recs = [Rec(t * minute, f"e{k}", "view", "u", f"i{k % 3}", "c") for k, t in enumerate(times)]
+    once, stepped = EntityState(), EntityState()
+    for r in recs:
+        once.add(r, plan)
+    rows = []
+    for k, r in enumerate(recs):
+        stepped.add(r, plan)
+        if k in (1, 3, 6):
+            rows += stepped.settle(r.ts, plan)
+    rows += stepped.settle(2**62, plan)
+    assert rows == once.settle(2**62, plan)
+    assert [v["distinct"] for _, v in rows] == [1, 2, 2, 1, 2, 1, 1, 2, 3, 1]
+
+
 def test_a_changed_definition_starts_afresh_and_others_keep_their_state() -> None:
     st = EntityState()
     p1 = Plan.of(DEFS[:2])

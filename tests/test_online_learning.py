@@ -286,10 +286,12 @@ def test_movielens_and_evaluation_on_a_generated_log(tmp_path: Path) -> None:
 def test_the_evaluation_measures_the_apis_candidate_policy() -> None:
     """`freshrec evaluate` describes what is served: the API and the evaluation take their
     candidates from one policy (sources, order, quotas, cap), and the evaluation obeys it."""
+    from connectors.feast_redis import FeastRedisReader
+    from features.definitions import FEATURE_VIEWS
     from serving.candidates import POLICY, Policy
     from serving.request_path import RequestPath
 
-    api = RequestPath(None, None, None, "p")  # type: ignore[arg-type]  # nothing is read at construction
+    api = RequestPath(None, FeastRedisReader(None, "p", FEATURE_VIEWS), None, "p")  # type: ignore[arg-type]
     assert Evaluation().policy is api.policy is POLICY
     events = [validate({"user_id": str(n % 7), "item_id": str(n % 23), "behavior": "view", "ts": 1_600_000_000_000
                         + n * 1000}) for n in range(400)]

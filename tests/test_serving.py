@@ -26,7 +26,8 @@ from hypothesis import settings as hypothesis_settings
 from connectors.embedded import Service, start_redis
 from connectors.feast_redis import FeastRedisReader, FeastRedisWriter
 from features.definitions import FEATURE_VIEWS
-from features.dsl import trending_key
+from features.dsl import load_ranking, trending_key
+from features.registry import definition_views
 from freshrec.config import Settings
 from freshrec.seed import seed_online_state
 from online_learning.publish import ParameterStore
@@ -34,6 +35,7 @@ from online_learning.recommender import OnlineRecommender
 from serving.app import create_app
 from serving.candidates import POLICY
 from serving.models import ServedModels, in_share
+from serving.request_path import RequestPath, ranking_reader
 from tests.conftest import wait_until
 
 KEY = "test-admin-key"
@@ -138,6 +140,39 @@ def test_item_rows_join_both_item_views_in_one_read(served: tuple[Settings, list
     assert b is None  # no item_recent row: a new item to the ranker
     with pytest.raises(ValueError, match="user_recent is keyed by .*item_recent by"):
         reader.join("mixed", ["user_recent", "item_recent"])
+
+
+def test_the_request_path_reads_the_ranking_service_with_the_built_in_rows(
+        served: tuple[Settings, list[str], TestClient]) -> None:
+    """The analysts' definitions the ranker weighs (features/catalog.py ranking) come in the
+    user's and each candidate's one HMGET, and the served model was trained on them."""
+    s, _, api = served
+    path: RequestPath = api.app.state.path
+    _, inputs = ranking_reader(None, s)  # type: ignore[arg-type]  # what the service names
+    assert inputs.user and inputs.item
+    client = redis.Redis.from_url(s.redis_url)
+    now = int(time.time() * 1000)
+    views = [*FEATURE_VIEWS, *definition_views(load_ranking(s.features).features)]
+    FeastRedisWriter(client, s.feast_project, views).write([
+        ("user_recent", "rk-u", now, {"views": 2, "last_viewed_items": ["rk-a"]}),
+        ("user_views_1h", "rk-u", now, {"user_views_1h": 2}),
+        ("item_recent", "rk-a", now, {"views": 7}),
+        ("item_views_1h", "rk-a", now, {"item_views_1h": 7}),
+        ("item_buy_rate_1h", "rk-a", now, {"item_buy_rate_1h": 0.25})])
+    sent: list[int] = []
+    reader = FeastRedisReader(client, s.feast_project, views)  # a twin of the API's that counts round trips
+    fetch = reader.fetch
+    reader.fetch = lambda requests: sent.append(len(requests)) or fetch(requests)  # type: ignore[method-assign]
+    (user,) = reader.read([(reader.join(path.user_view, ["user_recent", *inputs.user]), "rk-u")])
+    (row,) = reader.read([(reader.join(path.item_view, ["item_recent", "item_covisit", *inputs.item]), "rk-a")])
+    assert sent == [1, 1]
+    for view in (path.user_view, path.item_view):  # the API's joins: the same fields (encoders are closures)
+        assert [f[:2] for f in path.reader.layouts[view].fields] == [f[:2] for f in reader.layouts[view].fields]
+    assert user is not None and (user["views"], user["user_views_1h"]) == (2, 2)
+    assert row is not None and (row["views"], row["item_views_1h"], row["item_buy_rate_1h"]) == (7, 7, 0.25)
+    ranker = api.app.state.models.recommender.ranker
+    assert ranker.inputs == inputs
+    assert any(ranker.model._weights.get("i." + n) for n in inputs.item)  # seeded: learned on the same log
 
 
 def test_bad_input_gets_clear_4xx(served: tuple[Settings, list[str], TestClient]) -> None:

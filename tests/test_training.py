@@ -57,10 +57,14 @@ def test_job_emits_examples_with_features_from_before_the_event(shared: Settings
     assert first["user"] is None and first["item"] is None  # a new user, a new item
     # as of just before the second view: one view, of tx-a; nothing of tx-b yet
     assert second["user"]["views"] == 1 and second["user"]["last_viewed_items"] == ["tx-a"]
+    # the ranking service's definitions (features/catalog.py ranking), from before it too
+    assert (second["user"]["user_views_1h"], second["user"]["user_distinct_items_1h"]) == (1, 1)
     # the buy is attributed to the view of tx-a: the features are those of that moment
     assert buy["user"] is None and buy["item"] is None
     # the item's co-visitation row as of before the event: the pair of its first view, not this one's
     assert again["item"]["views"] == 1
+    assert again["item"]["item_views_1h"] == 1 and again["item"]["item_buy_rate_1h"] == pytest.approx(0.2 / 21)
+    assert again["user"]["user_engagement_1d"] == 1 + 1 + 8  # view, view, buy
     # (views 1 s apart: the pair counts 1 / (1 + 1 s / the proximity setting))
     near = float(f"{1 / (1 + 1_000 / (shared.covisit_proximity_seconds * 1000)):.6g}")
     assert (again["item"]["neighbours"], again["item"]["neighbour_counts"]) == (["tx-a"], [near])
