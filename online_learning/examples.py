@@ -172,6 +172,7 @@ class BatchExamples:
         self.builder, self.spec = builder, spec or Spec()
         self.ranking = ranking or RankingInputs(Ranking())
         self.defined: dict[str, dict[str, EntityState]] = {"user": {}, "item": {}}  # ranking definitions' state
+        self.defined_values: dict[str, dict[str, Any]] = {}  # an item's, until its next event
         self.newest = -(2**63)
         self.users: dict[str, UserState] = {}
         self.items: dict[str, ItemState] = {}
@@ -198,9 +199,13 @@ class BatchExamples:
     def item_features(self, item: str) -> dict[str, Any] | None:
         if item not in self.item_cache:
             st = self.items.get(item)
-            kind = self.ranking.item
             row = st.features() | self.covisit_row(item) if st else None
-            self.item_cache[item] = row | kind.values(self.defined["item"].get(item)) if row and kind else row
+            if row and self.ranking.item:  # its values change with its own events only, not with its pairs
+                values = self.defined_values.get(item)
+                if values is None:
+                    values = self.defined_values[item] = self.ranking.item.values(self.defined["item"].get(item))
+                row |= values
+            self.item_cache[item] = row
         return self.item_cache[item]
 
     def add(self, ev: Ev, user: dict[str, Any] | None = None) -> list[Example] | None:
@@ -217,6 +222,7 @@ class BatchExamples:
             if kind:
                 # A log read in order never goes back further than the job's lateness allows.
                 states[key] = kind.add(states.get(key), ev, lambda: self.newest - self.spec.dedup_ms - 1)
+        self.defined_values.pop(ev.item_id, None)
         self.items.setdefault(ev.item_id, ItemState()).add(ev, self.spec)
         self.item_cache.pop(ev.item_id, None)
         if ev.behavior == "view":
