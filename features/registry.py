@@ -56,9 +56,14 @@ def all_views(settings: Settings, defs: list[Definition] | None = None) -> list[
     return [*FEATURE_VIEWS, *definition_views(load(settings.features) if defs is None else defs)]
 
 
+def ranking_views(ranking: Ranking) -> list[FeatureView]:
+    """What the ranker reads: the built-in views and a view per listed definition."""
+    return [*FEATURE_VIEWS, *definition_views(ranking.features)]
+
+
 def ranking_service(ranking: Ranking) -> FeatureService:
-    """The ranker's inputs as Feast sees them: the built-in views and the listed definitions."""
-    return FeatureService(name=ranking.name, features=[*FEATURE_VIEWS, *definition_views(ranking.features)],
+    """The ranker's inputs as Feast sees them (:func:`ranking_views`)."""
+    return FeatureService(name=ranking.name, features=ranking_views(ranking),
                           description="What the ranker weighs: the built-in views and the catalogue's Ranking "
                                       "definitions; the trainer learns from them, the API scores with them.",
                           owner="recsys@freshrec", tags={"team": "recsys"})

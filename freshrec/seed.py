@@ -17,9 +17,8 @@ import redis
 from connectors.feast_redis import FeastRedisWriter
 from connectors.schema import validate
 from connectors.simulator import simulate
-from features.definitions import FEATURE_VIEWS
 from features.dsl import item, load_ranking, trending_key, user
-from features.registry import definition_views
+from features.registry import ranking_views
 from freshrec.config import Settings
 from online_learning.publish import ParameterStore
 from online_learning.trainer import learn_log
@@ -41,7 +40,7 @@ def seed_online_state(settings: Settings, n_events: int, n_users: int = 5_000, n
     rows = [(view, u, ts, row) for u in batch.users for row in [batch.user_features(u)] for view in user_views]
     rows += [(view, i, ts, row) for i in batch.items for row in [batch.item_features(i)] for view in item_views]
     rows += [("item_covisit", i, ts, batch.covisit_row(i)) for i in batch.neighbours]
-    FeastRedisWriter(client, settings.feast_project, [*FEATURE_VIEWS, *definition_views(ranking.features)]).write(rows)
+    FeastRedisWriter(client, settings.feast_project, ranking_views(ranking)).write(rows)
     last = events[-20_000:]
     popular = Counter(e.item_id for e in last).most_common(settings.trending_size)
     client.set(trending_key(settings.feast_project), json.dumps({"ts": ts, "items": popular}))

@@ -32,9 +32,8 @@ import numpy as np
 import redis
 
 from connectors.feast_redis import FeastRedisReader
-from features.definitions import FEATURE_VIEWS
 from features.dsl import load_ranking, trending_key
-from features.registry import definition_views
+from features.registry import ranking_views
 from freshrec.config import Settings
 from online_learning.ranker import BUILT_IN, Inputs
 from serving.candidates import POLICY, Policy, interleave
@@ -140,8 +139,7 @@ def ranking_reader(client: redis.Redis, s: Settings) -> tuple[FeastRedisReader, 
     """A reader of the views the ranking service names (FRESHREC_FEATURES), and the service's
     definitions as the ranker's inputs."""
     ranking = load_ranking(s.features)
-    return (FeastRedisReader(client, s.feast_project, [*FEATURE_VIEWS, *definition_views(ranking.features)]),
-            Inputs.of(ranking))
+    return FeastRedisReader(client, s.feast_project, ranking_views(ranking)), Inputs.of(ranking)
 
 
 class RequestPath:

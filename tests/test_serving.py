@@ -27,7 +27,7 @@ from connectors.embedded import Service, start_redis
 from connectors.feast_redis import FeastRedisReader, FeastRedisWriter
 from features.definitions import FEATURE_VIEWS
 from features.dsl import load_ranking, trending_key
-from features.registry import definition_views
+from features.registry import ranking_views
 from freshrec.config import Settings
 from freshrec.seed import seed_online_state
 from online_learning.publish import ParameterStore
@@ -152,7 +152,7 @@ def test_the_request_path_reads_the_ranking_service_with_the_built_in_rows(
     assert inputs.user and inputs.item
     client = redis.Redis.from_url(s.redis_url)
     now = int(time.time() * 1000)
-    views = [*FEATURE_VIEWS, *definition_views(load_ranking(s.features).features)]
+    views = ranking_views(load_ranking(s.features))
     FeastRedisWriter(client, s.feast_project, views).write([
         ("user_recent", "rk-u", now, {"views": 2, "last_viewed_items": ["rk-a"]}),
         ("user_views_1h", "rk-u", now, {"user_views_1h": 2}),
