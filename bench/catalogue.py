@@ -5,10 +5,10 @@
    simulator, written to a temporary JSONL file first): the default catalogue and the part of
    it that compiles to SQL, each with compiled definitions and with every definition on the
    Python operators, one after the other (ratio_to_python).
-2. Streaming throughput with catalogues of 0 definitions (the feature job: built-in views),
-   and 10, 40 and the default catalogue's definitions (the catalogue job alone): --stream-events
-   are loaded into a topic, then the job starts; events/s = events / (time from the first row
-   in Redis to the last event's user row).
+2. Streaming throughput of the catalogue job alone, with 10 and 40 generated counts, sums,
+   means, min and max, and with the default catalogue, each with FRESHREC_CATALOGUE_ENGINE=sql
+   and =python (ratio_to_python): --stream-events are loaded into a topic, then the job starts;
+   events/s = events / (time from the first row in Redis to the last event's user row).
 
     python bench/catalogue.py [--generated 1000000] [--stream-events 20000] [--skip-backfill]
 """
@@ -46,11 +46,13 @@ DAY = 86_400_000
 START_MS = 1_700_000_000_000  # the generated log: 100 events/s of event time from here
 
 
-def catalogue(n: int) -> str:
-    """A catalogue of n definitions: counts, sums, distinct counts and last-N over all entity kinds."""
+def catalogue(n: int, counts_only: bool = False) -> str:
+    """A catalogue of n definitions over all entity kinds: counts, sums, distinct counts, last-N
+    and max; ``counts_only``: counts, sums, means, min and max (what a stream runs in SQL)."""
     kinds = ["user", "item", "category", "user_category"]
-    aggs = ["Count()", "Sum(of={'view': 1, 'buy': 5})", "DistinctCount(of='item_id')", "LastN(of='item_id', n=5)",
-            "Max(of='ts')"]
+    aggs = (["Count()", "Sum(of={'view': 1, 'buy': 5})", "Mean(of='hour')", "Min(of='ts')", "Max(of='ts')"]
+            if counts_only else ["Count()", "Sum(of={'view': 1, 'buy': 5})", "DistinctCount(of='item_id')",
+                                 "LastN(of='item_id', n=5)", "Max(of='ts')"])
     windows = ["Sliding(size=td(hours=1), slide=td(minutes=5))", "Tumbling(size=td(hours=1))",
                "Sliding(size=td(days=1), slide=td(hours=1))"]
     lines = ["from datetime import timedelta as td", "from features.dsl import *"]
@@ -111,15 +113,17 @@ def bench_engines(source: Path, tmp: Path, label: str, start: int, end: int) -> 
     return out
 
 
-def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, broker: Any,
-                 redis_server: Any) -> dict[str, Any]:
-    """``n_defs``: that many generated definitions; None: the default catalogue (features.catalog)."""
-    cat = tmp / f"catalogue_{n_defs}.py"
-    cat.write_text(catalogue(n_defs) if n_defs is not None else (ROOT / "features" / "catalog.py").read_text())
-    db = {0: 1, 10: 2, 40: 3}.get(n_defs, 4)  # a database of its own: the first row of any kind starts the clock
+def bench_stream(label: str, text: str, engine: str, events: list[dict[str, Any]], tmp: Path, broker: Any,
+                 redis_server: Any, db: int) -> dict[str, Any]:
+    """The catalogue job alone over ``events`` preloaded in a topic, with the catalogue ``text``
+    and FRESHREC_CATALOGUE_ENGINE ``engine``."""
+    cat = tmp / f"catalogue_{label}_{engine}.py"
+    cat.write_text(text)
+    name = f"b{db}"
+    # a database of its own: the first row of any kind starts the clock
     s = Settings(kafka_bootstrap=f"127.0.0.1:{broker.port}", redis_url=f"redis://127.0.0.1:{redis_server.port}/{db}",
-                 events_topic=f"b{n_defs}-events", dlq_topic=f"b{n_defs}-dlq", feast_project=f"b{n_defs}",
-                 state_dir=tmp / f"stream-{n_defs}", features=str(cat))
+                 events_topic=f"{name}-events", dlq_topic=f"{name}-dlq", feast_project=name,
+                 state_dir=tmp / f"stream-{name}", features=str(cat), catalogue_engine=engine, catalogue_nice=0)
     prepare_log(s)
     apply(s)
     with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
@@ -128,12 +132,9 @@ def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, br
     client = redis.Redis.from_url(s.redis_url)
     reader = FeastRedisReader(client, s.feast_project, all_views(s))
     last = events[-1]
-    # No definitions: the feature job (built-in views); else the catalogue job alone, done when
-    # the last event's user has its row of a user definition.
-    defs = load(s.features)
-    view = next((d.name for d in defs if d.entity_kind.join_keys == ("user_id",)), "user_recent")
-    name = "catalogue_job" if defs else "feature_job"
-    job = start_job(name, s, s.state_dir)
+    # Done when the last event's user has its row of a user definition.
+    view = next(d.name for d in load(s.features) if d.entity_kind.join_keys == ("user_id",))
+    job = start_job("catalogue_job", s, s.state_dir)
     try:
         deadline = time.monotonic() + 900
         start = None
@@ -143,11 +144,10 @@ def bench_stream(n_defs: int | None, events: list[dict[str, Any]], tmp: Path, br
             row = reader.read([(view, str(last["user_id"]))])[0]
             if start is not None and row and row.get("_event_ts_ms", 0) >= last["ts"]:
                 seconds = time.monotonic() - start
-                return {"definitions": n_defs if n_defs is not None else "features.catalog", "job": name,
-                        "events": len(events), "seconds": round(seconds, 1),
+                return {"catalogue": label, "engine": engine, "events": len(events), "seconds": round(seconds, 1),
                         "events_per_s": round(len(events) / seconds)}
             if job.poll() is not None:
-                raise RuntimeError(f"{name} exited; see {s.state_dir}/{name}.log")
+                raise RuntimeError(f"the catalogue job exited; see {s.state_dir}/catalogue_job.log")
             time.sleep(0.05)
         raise RuntimeError("the job did not finish within 15 minutes")
     finally:
@@ -190,10 +190,18 @@ def main() -> int:
             try:
                 events = list(simulate(args.stream_events, n_users=500, n_items=2000, n_categories=30, seed=3,
                                        events_per_second=50.0, start_ms=int(time.time() * 1000) - 3_600_000))
-                for n in (0, 10, 40, None):
-                    r = bench_stream(n, events, tmp, broker, redis_server)
-                    print(f"stream, {n} definitions: {r}", flush=True)
-                    out["stream"].append(r)
+                catalogues = {"10 counts": catalogue(10, counts_only=True),
+                              "40 counts": catalogue(40, counts_only=True),
+                              "features.catalog": (ROOT / "features" / "catalog.py").read_text()}
+                db = 0
+                for label, text in catalogues.items():
+                    pair = []
+                    for engine in ("sql", "python"):  # the engine before, in the same run
+                        db += 1
+                        pair.append(bench_stream(label, text, engine, events, tmp, broker, redis_server, db))
+                        print(f"stream: {pair[-1]}", flush=True)
+                    pair[0]["ratio_to_python"] = round(pair[0]["events_per_s"] / pair[1]["events_per_s"], 2)
+                    out["stream"] += pair
                     save()
             finally:
                 broker.stop()

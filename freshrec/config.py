@@ -49,6 +49,9 @@ class Settings:
     catalogue_nice: int = field(default=10, metadata=_doc(
         "CPU niceness (0-19) of the local catalogue job: on shared cores the feature job and the trainer "
         "come first, and the catalogue falls behind while the cores are full; 0 shares them equally"))
+    catalogue_engine: str = field(default="sql", metadata=_doc(
+        "how the catalogue job runs counts, sums, means, min and max: sql (Flink's operators) or python "
+        "(every definition on the Python operators, the engine before: a baseline)"))
     window_seconds: int = field(default=3600, metadata=_doc("window of the recent counts"))
     window_pane_seconds: int = field(default=60, metadata=_doc("the recent-counts window slides in these steps"))
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))
@@ -145,6 +148,9 @@ class Settings:
                     "broker_check_ms", "parallelism", "fetch_wait_ms", "sink_flush_ms", "sink_batch_rows",
                     "attribution_seconds", "min_count", "param_ttl_seconds", "embedding_rows", "publish_interval_ms",
                     "snapshot_interval_seconds", "model_poll_ms", "api_workers", "redis_timeout_ms")
+        if self.catalogue_engine not in ("sql", "python"):
+            raise ConfigError(f"FRESHREC_CATALOGUE_ENGINE={self.catalogue_engine!r} is not an engine; set it to "
+                              "sql or python")
         if not 0 <= self.catalogue_nice <= 19:
             raise ConfigError(f"FRESHREC_CATALOGUE_NICE={self.catalogue_nice} must be between 0 and 19")
         for name in ("item_cache_ms", "category_trending_size", "flink_rest_port", "covisit_half_life_seconds",

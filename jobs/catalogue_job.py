@@ -1,12 +1,15 @@
 """The catalogue job: the analysts' feature definitions over the behavior log.
 
-    Kafka behavior-events
+    Kafka behavior-events (the watermark holds back the allowed lateness)
       -> parse (too-late events -> DLQ; refused events are the feature job's to report)
       -> key by user: drop duplicates
-      -> the feature catalogue (streaming/definitions.py, FRESHREC_FEATURES): per entity kind
-         and co-visitation definition, keyed state over event-time windows
+      -> the feature catalogue (FRESHREC_FEATURES), split by streaming/sql.split:
+         counts, sums, means, min, max and their ratios in Flink SQL (attach_compiled:
+           pane totals -> OnlineValues -> online rows; the stream plan -> final rows to the
+           feature log from Java; records behind the watermark -> DLQ)
+         the rest on Python operators (attach: per entity kind and co-visitation definition,
+           keyed state over event-time windows -> online rows and final rows)
       -> online rows: key by shard, then Redis in Feast's layout (as the feature job does)
-      -> final rows to the feature-log topic; records behind the settled horizon to the DLQ
 
 A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream and one
 embedded interpreter (its Python sat at ~105% of a core at 300 events/s), so a busy catalogue
@@ -29,21 +32,32 @@ from typing import Any
 from pyflink.common import Types
 
 from connectors.log_epoch import Epoch
+from features.dsl import load
 from freshrec.config import Settings
-from jobs.feature_job import EVENT, kafka_sink, log, read_events, run, write_rows
-from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id
-from streaming.definitions import Deduplicate, attach
+from jobs.feature_job import kafka_sink, log, read_events, run, write_rows
+from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id, feature_log_topic
+from streaming.definitions import EVENT_ROW, Deduplicate, attach, attach_compiled
+from streaming.sql import split
 
 
 def build(env: Any, s: Settings, epoch: Epoch) -> None:
-    """source -> de-duplicate -> the catalogue's operators -> Redis and the feature log."""
-    events = read_events(env, s, epoch, catalogue_job_id(s), source="catalogue_job", report_invalid=False)
+    """source -> de-duplicate -> the catalogue: compiled definitions in Flink SQL, the rest on
+    the Python operators -> Redis and the feature log."""
+    lateness = s.allowed_lateness_ms
+    events = read_events(env, s, epoch, catalogue_job_id(s), source="catalogue_job", report_invalid=False,
+                         hold_back_ms=lateness)
     unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
-              .process(Deduplicate(s.allowed_lateness_ms + s.out_of_orderness_ms), output_type=EVENT)
+              .process(Deduplicate(lateness + s.out_of_orderness_ms), output_type=EVENT_ROW)
               .name("deduplicate").uid("deduplicate"))
-    rows, finals, late = attach(unique, s.features, s.allowed_lateness_ms, online=True)
+    defs = load(s.features)
+    compiled, rest = split(defs, stream=True) if s.catalogue_engine == "sql" else ([], defs)
+    rows, finals, late = attach(unique, s.features, lateness, online=True, names={d.name for d in rest},
+                                settle_ms=0)
     for stream in late:
         stream.sink_to(kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
+    if compiled:
+        rows += attach_compiled(env, unique, s.features, {d.name for d in compiled}, lateness, s.kafka_bootstrap,
+                                feature_log_topic(s), s.dlq_topic)
     write_rows(s, rows, tuple(finals))
 
 

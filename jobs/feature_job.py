@@ -528,9 +528,11 @@ def kafka_sink(s: Settings, topic: str) -> KafkaSink:
 
 
 def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "feature_job",
-                report_invalid: bool = True) -> Any:
+                report_invalid: bool = True, hold_back_ms: int = 0) -> Any:
     """The source and its parsing: Kafka behavior events -> EVENT tuples in event time; refused
-    and too-late events to the DLQ topic. ``group``: the job's consumer group."""
+    and too-late events to the DLQ topic. ``group``: the job's consumer group. ``hold_back_ms``:
+    the watermark trails the out-of-orderness bound by this much more, and lateness counts from
+    it (the catalogue job holds back the allowed lateness: its operators settle at the watermark)."""
     kafka = (KafkaSource.builder()
              .set_bootstrap_servers(s.kafka_bootstrap)
              .set_topics(s.events_topic)
@@ -542,10 +544,11 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
              # (measured: Kafka's default 500 ms gave 130 ms p50 per hop, 50 ms gives 10 ms).
              .set_property("fetch.max.wait.ms", str(s.fetch_wait_ms))
              .build())
-    watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms))
+    watermarks = (WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(s.out_of_orderness_ms
+                                                                                   + hold_back_ms))
                   .with_idleness(Duration.of_millis(s.idle_timeout_ms)))
     raw = env.from_source(kafka, watermarks, s.events_topic).uid(f"source-{epoch.id}")
-    events = (raw.process(ParseEvents(s.allowed_lateness_ms, source, report_invalid), output_type=EVENT)
+    events = (raw.process(ParseEvents(s.allowed_lateness_ms - hold_back_ms, source, report_invalid), output_type=EVENT)
               .name("parse").uid("parse"))
     events.get_side_output(DLQ).sink_to(kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
     return events

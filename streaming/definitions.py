@@ -23,7 +23,7 @@ from collections.abc import Collection
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pyflink.common import Types
+from pyflink.common import Row, RowKind, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
@@ -31,6 +31,8 @@ from connectors.schema import dead_letter
 from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, item, load
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.cached_state import CachedValueState
+from streaming.pane_values import EntityPanes, PaneMerge
+from streaming.sql import EVENT_COLUMNS
 from streaming.state import Ev, RecentViews, Seen, Spec
 
 if TYPE_CHECKING:
@@ -159,6 +161,42 @@ class Definitions(KeyedProcessFunction):
             self._timer(ctx, key, st.newest + self.reach_ms + self.lateness_ms + 2)
 
 
+class OnlineValues(KeyedProcessFunction):
+    """One entity kind's compiled definitions online: folds the pane totals that Flink SQL hands
+    on (``Query.pane_totals``: at most one row per entity and mini-batch) and emits the
+    entity's values (streaming/pane_values.py). State: the entity's :class:`EntityPanes`, kept
+    ``ttl_ms`` after its last change, as long as the SQL keeps its panes (``state_ttl_ms``)."""
+
+    def __init__(self, catalogue: str, names: list[str], view: str, ttl_ms: int) -> None:
+        self.catalogue, self.names, self.view, self.ttl_ms = catalogue, names, view, ttl_ms
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        from pyflink.common.time import Time
+        from pyflink.datastream.state import StateTtlConfig
+
+        self.merge = PaneMerge.of([d for d in load(self.catalogue) if d.name in self.names])
+        descriptor = ValueStateDescriptor("panes", Types.PICKLED_BYTE_ARRAY())
+        descriptor.enable_time_to_live(StateTtlConfig.new_builder(Time.milliseconds(self.ttl_ms)).build())
+        self.state = CachedValueState(runtime_context.get_state(descriptor))
+
+    def process_element(self, value: Any, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
+        if value.get_row_kind() not in (RowKind.INSERT, RowKind.UPDATE_AFTER):
+            return  # an upsert changelog: the newer row replaces the pane
+        entity = value[0]
+        panes: EntityPanes = self.state.value(entity) or EntityPanes()
+        panes.put(value[1], value[2], list(value[3]))
+        values = self.merge.values(panes)
+        self.state.update(entity, panes)
+        yield self.view, entity, panes.newest, json.dumps(values)
+
+
+def state_ttl_ms(defs: list[Definition], lateness_ms: int) -> int:
+    """How long the compiled operators keep an entity's state after its last change: until no
+    window can reach its records and no late record can join them, twice over, because state
+    TTL runs in processing time (a job catching up moves event time faster, which is safe)."""
+    return 2 * (max_window_ms(defs) + lateness_ms)
+
+
 class CoVisitPairs(KeyedProcessFunction):
     """Per user: each view pairs with the user's other views within the gap (both ways)."""
 
@@ -198,13 +236,15 @@ class Deduplicate(KeyedProcessFunction):
         self.dedup_ms = dedup_ms
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        self.state = runtime_context.get_state(ValueStateDescriptor("seen", Types.PICKLED_BYTE_ARRAY()))
+        self.state = CachedValueState(runtime_context.get_state(ValueStateDescriptor("seen",
+                                                                                 Types.PICKLED_BYTE_ARRAY())))
 
     def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        seen: Seen = self.state.value() or Seen()
+        user = value[1]
+        seen: Seen = self.state.value(user) or Seen()
         if seen.first(value[0], value[4], self.dedup_ms):
-            self.state.update(seen)
-            yield value
+            self.state.update(user, seen)
+            yield Row(*value)  # named fields: the compiled definitions read them as a table
 
 
 def _to_rec(e: tuple) -> tuple:
@@ -223,11 +263,14 @@ def _complete(kind: EntityKind) -> Any:
 
 
 def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: DayFiles | None = None,
-           names: Collection[str] | None = None) -> tuple[list[Any], list[Any], list[Any]]:
+           names: Collection[str] | None = None,
+           settle_ms: int | None = None) -> tuple[list[Any], list[Any], list[Any]]:
     """Wire the catalogue (only ``names`` of it, when given) onto a stream of de-duplicated
     events (the job's EVENT tuples); returns the online-row streams, the final-row streams and
     the late-record streams. In batch (not ``online``), ``files`` writes the final rows
-    instead: no final-row streams."""
+    instead: no final-row streams. Rows settle ``settle_ms`` behind the watermark: the
+    lateness, unless the watermark already holds it back (``read_events(hold_back_ms=)``)."""
+    settle_ms = lateness_ms if settle_ms is None else settle_ms
     if not online and files is None:
         raise ValueError("attach(online=False) needs files: the batch operators write their final rows there")
     defs = [d for d in load(catalogue) if names is None or d.name in names]
@@ -237,7 +280,7 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
 
     def run(stream: Any, kind: EntityKind, group: list[Definition], uid: str) -> None:
         out = (stream.key_by(_keyer(kind), key_type=Types.STRING())
-               .process(Definitions(catalogue, [d.name for d in group], lateness_ms, online, DEFINED + uid, files),
+               .process(Definitions(catalogue, [d.name for d in group], settle_ms, online, DEFINED + uid, files),
                         output_type=ROW)
                .name(uid).uid(uid))
         rows.append(out)
@@ -254,3 +297,78 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
                  .name(f"pairs_{d.name}").uid(f"pairs_{d.name}"))
         run(pairs, item, [d], f"catalogue_{d.name}")
     return rows, finals, late
+
+
+EVENT_ROW = Types.ROW_NAMED([c for c, _ in EVENT_COLUMNS], [Types.LONG() if t == "BIGINT" else Types.STRING()
+                                                             for _, t in EVENT_COLUMNS])
+MINI_BATCH_MS = 100  # the GROUP BYs hand on an entity's panes at most this often: latency against Python rows
+
+
+def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str], lateness_ms: int,
+                    kafka: str, feature_log: str, dlq: str) -> list[Any]:
+    """Wire the definitions ``names`` (all of :func:`streaming.sql.split`'s first part for a
+    stream) onto de-duplicated events (:data:`EVENT_ROW`), in Flink's own operators:
+
+        events (event time rt; the source's watermark, which holds back ``lateness_ms``) -> per kind:
+          GROUP BY (entity, pane), mini-batch -> OnlineValues (Python, keyed by
+            entity; merges the newest window's panes) -> online rows (returned, for Redis)
+          the stream plan (Query.select(stream=True)) -> final rows -> the feature log, in Kafka
+        records behind the watermark -> the DLQ (counted online, left out of the final rows)
+
+    The online rows' view is ``@catalogue_<kind>_sql``; the final rows carry it too."""
+    from pyflink.table import ChangelogMode, Schema, StreamTableEnvironment
+
+    from streaming.sql import column_list, epoch_ms, kafka_table, name, queries, use_utc
+
+    defs = [d for d in load(catalogue) if d.name in names]
+    ttl_ms = state_ttl_ms(defs, lateness_ms)
+
+    def tables(mini_batch: bool) -> Any:
+        """A table environment over the events. Two: mini-batch assigners carry watermarks of
+        their own (processing time, where no operator orders by event time), which would make
+        CURRENT_WATERMARK, so the DLQ, wrong; the final rows gain nothing from them."""
+        t_env = StreamTableEnvironment.create(env)
+        use_utc(t_env)
+        config = t_env.get_config()
+        config.set("table.exec.state.ttl", f"{ttl_ms} ms")
+        config.set("table.exec.mini-batch.enabled", str(mini_batch).lower())  # said both ways: configs leak
+        config.set("table.exec.mini-batch.allow-latency", f"{MINI_BATCH_MS} ms")
+        config.set("table.exec.mini-batch.size", "5000")
+        # The source's watermark, which holds back the lateness (read_events(hold_back_ms=)): it
+        # follows each Kafka partition, where one computed here would run ahead of a partition read late.
+        schema = (Schema.new_builder().column_by_expression("rt", "TO_TIMESTAMP_LTZ(ts, 3)")
+                  .watermark("rt", "SOURCE_WATERMARK()").build())
+        t_env.create_temporary_view("events", t_env.from_data_stream(events, schema))
+        return t_env
+
+    online, t_env = tables(mini_batch=True), tables(mini_batch=False)
+    statements = t_env.create_statement_set()
+    pane_rows = Schema.new_builder().primary_key("entity", "pane").build()
+    rows = []
+    for q in queries(defs):
+        uid = f"catalogue_{q.kind.name}_sql"
+        view = DEFINED + uid
+        panes = online.to_changelog_stream(online.sql_query(q.pane_totals("events")), pane_rows, ChangelogMode.upsert())
+        rows.append(panes.key_by(lambda r: r[0], key_type=Types.STRING())
+                    .process(OnlineValues(catalogue, q.names, view, ttl_ms), output_type=ROW)
+                    .name(uid).uid(uid))
+        values = [(c, t) for c, t in q.columns if c not in {*q.kind.join_keys, "ts"}]
+        t_env.create_temporary_view(f"finals_{uid}", t_env.sql_query(q.select("events", stream=True)))
+        t_env.execute_sql(kafka_table(f"log_{uid}", [("view", "STRING"), ("entity", "STRING"), ("ts", "BIGINT"),
+                                                      ("values", f"ROW<{column_list(values)}>"),
+                                                      ("final", "BOOLEAN")], feature_log, kafka))
+        statements.add_insert_sql(f"INSERT INTO {name('log_' + uid)} SELECT '{view}', {q.entity()}, ts, "
+                                  f"ROW({', '.join(name(c) for c, _ in values)}), TRUE FROM {name('finals_' + uid)}")
+    # connectors/schema.dead_letter's layout
+    t_env.execute_sql(kafka_table("dlq", [("field", "STRING"), ("reason", "STRING"), ("source", "STRING"),
+                                          ("payload", "STRING"), ("at", "BIGINT")], dlq, kafka))
+    horizon = epoch_ms("CURRENT_WATERMARK(rt)")
+    event = ", ".join(f"'{c}' VALUE {name(c)}" for c, _ in EVENT_COLUMNS)
+    statements.add_insert_sql(
+        f"INSERT INTO dlq SELECT 'ts', 'ts ' || CAST(ts AS STRING) || ' is behind the settled horizon ' || "
+        f"CAST(CAST({horizon} AS BIGINT) AS STRING) || ' (the watermark: the newest event time minus the "
+        "out-of-orderness bound and FRESHREC_ALLOWED_LATENESS_MS); it counts online but is left out of the final "
+        "rows', 'catalogue_job', "
+        f"JSON_OBJECT({event}), CAST(UNIX_TIMESTAMP() AS BIGINT) * 1000 FROM events WHERE rt <= CURRENT_WATERMARK(rt)")
+    statements.attach_as_datastream()
+    return rows

@@ -46,12 +46,14 @@ True
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from features.dsl import (
+    KEY_SEPARATOR,
     Count,
     Definition,
     DistinctCount,
@@ -123,7 +125,7 @@ def interval(ms: int) -> str:
             f"{ms // 1000 % 60:02d}.{ms % 1000:03d}' DAY TO SECOND(3)")
 
 
-def _epoch_ms(column: str) -> str:
+def epoch_ms(column: str) -> str:
     """Milliseconds since the epoch of a TIMESTAMP_LTZ column (in a UTC session: :func:`use_utc`)."""
     return f"(EXTRACT(EPOCH FROM {column}) * 1000 + EXTRACT(MILLISECOND FROM {column}))"
 
@@ -277,6 +279,12 @@ class Query:
                 + [(r.name, "DOUBLE") for r in self.ratios])
 
     @property
+    def names(self) -> list[str]:
+        """The definitions this query computes."""
+        return ([p.d.name for p in self.parts] + [d.d.name for d in self.distincts]
+                + [last.d.name for last in self.lasts] + [r.name for r in self.ratios])
+
+    @property
     def lists(self) -> dict[str, tuple[list[str], list[str]]]:
         """Each last-N definition's value and time columns (newest first): a list of the values
         whose time is not NULL."""
@@ -294,13 +302,7 @@ class Query:
                              "split(defs, stream=True)")
         keys = [name(k) for k in self.kind.join_keys]
         k = ", ".join(keys)
-        columns = [*keys, "ts", *(["rt"] if stream else []), "event_id", "behavior",
-                   *(f"ts / {s.slide_ms} AS {col}" for s, col in self.shapes.items()),
-                   *(f"{p.input} AS {p.x}" for p in self.parts), *(f"{d.input} AS {d.y}" for d in self.distincts),
-                   *(f"{last.input} AS {last.z}" for last in self.lasts)]
-        complete = [f"{key} IS NOT NULL AND {key} <> ''" for key in keys if key not in ("`user_id`", "`item_id`")]
-        ctes = [f"r AS (SELECT {', '.join(columns)} FROM {name(source)}"
-                + (f" WHERE {' AND '.join(complete)}" if complete else "") + ")"]
+        ctes = [self._records(source, stream)]
         tables = []  # (CTE, its value columns): each has one row per entity and distinct time
         if self.parts:
             ctes += self._stream_panes(keys) if stream else self._panes(keys)
@@ -322,6 +324,52 @@ class Query:
         out = ", ".join([*(f"{first}.{key}" for key in keys), f"{first}.ts",
                          *(f"{t}.{name(c)}" for t, cols in tables for c in cols), *ratios])
         return "WITH " + ",\n".join(ctes) + f"\nSELECT {out} FROM {first} {joins}"
+
+    def _records(self, source: str, stream: bool) -> str:
+        """The CTE ``r``: the kind's records (its keys all set) with each definition's input."""
+        keys = [name(k) for k in self.kind.join_keys]
+        columns = [*keys, "ts", *(["rt"] if stream else []), "event_id", "behavior",
+                   *(f"ts / {s.slide_ms} AS {col}" for s, col in self.shapes.items()),
+                   *(f"{p.input} AS {p.x}" for p in self.parts), *(f"{d.input} AS {d.y}" for d in self.distincts),
+                   *(f"{last.input} AS {last.z}" for last in self.lasts)]
+        complete = [f"{key} IS NOT NULL AND {key} <> ''" for key in keys if key not in ("`user_id`", "`item_id`")]
+        return (f"r AS (SELECT {', '.join(columns)} FROM {name(source)}"
+                + (f" WHERE {' AND '.join(complete)}" if complete else "") + ")")
+
+    def entity(self) -> str:
+        """The entity's key as the Python operators write it (parts joined by KEY_SEPARATOR)."""
+        parts = [f"COALESCE({name(k)}, '')" for k in self.kind.join_keys]
+        return f" || U&'\\{ord(KEY_SEPARATOR):04X}' || ".join(parts)  # CHR() would make it nullable
+
+    @property
+    def fine_ms(self) -> int:
+        """The pane of :meth:`pane_totals`: the greatest that tiles every window's slide."""
+        return math.gcd(*(shape.slide_ms for shape in self.shapes))
+
+    def pane_totals(self, source: str) -> str:
+        """The online values' input: each entity's totals per pane of :attr:`fine_ms`. A GROUP
+        BY emits on every record, in any order (with mini-batch, once per entity and flush), so
+        the values follow each event within the flush. The Python operator that merges the
+        newest windows' panes (streaming/pane_values.py) sees these rows, not the events: one per
+        entity and flush, whatever the number of definitions and window shapes. Rows: (entity,
+        pane, newest ts, totals), the totals in :meth:`pane_plan`'s order, as DOUBLEs."""
+        if self.distincts or self.lasts:
+            raise ValueError("distinct counts and last-N lists have no pane totals: split(defs, stream=True)")
+        totals = ", ".join(f"CAST({agg}({p.x}) AS DOUBLE)" for p in self.parts for _, agg, _ in p.components())
+        return (f"WITH {self._records(source, False)}\n"
+                f"SELECT entity, pane, MAX(ts) AS newest, ARRAY[{totals}] AS totals FROM "
+                f"(SELECT {self.entity()} AS entity, COALESCE(ts, 0) / {self.fine_ms} AS pane, ts, "
+                f"{', '.join(p.x for p in self.parts)} FROM r) GROUP BY entity, pane")
+
+    def pane_plan(self) -> tuple[int, list[tuple[int, int, list[tuple[str, str, int]]]]]:
+        """:meth:`pane_totals`'s pane (ms) and, per window shape, (slide ms, panes, [(definition,
+        kind, index of its first total)]); a mean's totals are its sum and its count."""
+        offsets, at = {}, 0
+        for p in self.parts:
+            offsets[p.d.name] = at
+            at += len(p.aggs)
+        return self.fine_ms, [(shape.slide_ms, shape.panes, [(p.d.name, p.kind, offsets[p.d.name])
+                                                             for p in self._parts(shape)]) for shape in self.shapes]
 
     def _parts(self, shape: _Shape) -> list[_Part]:
         """The parts whose windows have this shape."""
@@ -384,7 +432,7 @@ class Query:
                        f"{interval((shape.panes - 1) * shape.slide_ms)})")
                 # the pane the window ends at: the records' pane, as a join key (a batch join
                 # would otherwise pair each record with every window of its entity)
-                ends = f"({_epoch_ms('window_time')} + 1) / {shape.slide_ms}"
+                ends = f"({epoch_ms('window_time')} + 1) / {shape.slide_ms}"
                 ctes.append(f"b_{col} AS (SELECT {k}, window_time AS wt, {ends} AS {col}, {merged} FROM TABLE({hop}) "
                             f"GROUP BY {k}, window_start, window_end, window_time)")
                 # the time bounds make it an interval join in a stream: its state leaves with the watermark
@@ -439,6 +487,13 @@ def queries(defs: Iterable[Definition]) -> list[Query]:
 def column_list(columns: Iterable[tuple[str, str]]) -> str:
     """``(name, SQL type)`` pairs as a CREATE TABLE's column list."""
     return ", ".join(f"{name(c)} {t}" for c, t in columns)
+
+
+def kafka_table(table_name: str, columns: Iterable[tuple[str, str]], topic: str, bootstrap: str) -> str:
+    """A Kafka topic of JSON records, written at least once (a sink of the catalogue job)."""
+    return (f"CREATE TEMPORARY TABLE {name(table_name)} ({column_list(columns)}) WITH ('connector' = 'kafka', "
+            f"'topic' = {_string(topic)}, 'properties.bootstrap.servers' = {_string(bootstrap)}, "
+            "'format' = 'json', 'sink.delivery-guarantee' = 'at-least-once')")
 
 
 def table(table_name: str, columns: Iterable[tuple[str, str]], path: str, lateness_ms: int | None = None) -> str:

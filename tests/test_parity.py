@@ -10,6 +10,7 @@ import json
 import random
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,13 @@ import pytest
 
 from connectors.kafka import EventProducer, consumer
 from connectors.simulator import simulate
-from features.dsl import load
+from features.dsl import item, load, user
 from features.parity import compare, from_feature_log, from_offline
 from features.store import apply, feature_store
 from freshrec.config import Settings
 from jobs.backfill import BackfillError, backfill, exclusive
 from jobs.topics import feature_log_topic
+from streaming.aggregates import EntityState, Plan, Rec
 from streaming.batch import Layout
 from streaming.sql import split
 from tests.conftest import JobProcess, wait_until
@@ -118,7 +120,7 @@ def parity(make_settings: Any, tmp_path_factory: pytest.TempPathFactory) -> Iter
         dlq.close()
         stream = {k: v for k, v in from_feature_log(lines, names).items() if "end" not in k[1]}
         yield {"settings": s, "stream": stream, "batch": batch, "report": report, "day": day, "job": job,
-               "events": events, "until": real_end, "defs": defs,
+               "events": events, "until": real_end, "defs": defs, "lines": lines,
                "refused": refused}
     finally:
         job.stop()
@@ -185,6 +187,46 @@ def test_analyst_feature_reaches_the_online_store(parity: dict[str, Any]) -> Non
 
     both = wait_until(item_rows, 60, "every item's values in the online store")
     assert sum(bool(v) for v in both["t_covisit"]) > len(items) // 2
+
+
+def test_counts_sums_means_min_and_max_stream_in_flink_sql(parity: dict[str, Any]) -> None:
+    """The catalogue job runs these in Flink's operators (streaming/sql.py, the default
+    FRESHREC_CATALOGUE_ENGINE=sql): their final rows come from the SQL views, and each entity's
+    online value is the Python engine's value as of the entity's newest event."""
+    s: Settings = parity["settings"]
+    compiled, rest = split(parity["defs"], stream=True)
+    assert {d.name for d in rest} == {"t_user_items", "t_user_last", "t_covisit"}
+    views: dict[str, set[str]] = {}
+    for line in parity["lines"]:
+        row = json.loads(line)
+        views.setdefault(row["view"], set()).update(row["values"])
+    sql_names = set().union(*(names for view, names in views.items() if view.endswith("_sql")))
+    assert sql_names == {d.name for d in compiled}
+    assert not sql_names & set().union(*(names for view, names in views.items() if not view.endswith("_sql")))
+
+    unique = list({e["event_id"]: e for e in reversed(parity["events"])}.values())  # the first of each id
+    store = feature_store(s)
+    for kind, key in ((user, "user_id"), (item, "item_id")):
+        defs = [d for d in compiled if d.entity_kind == kind]
+        plan = Plan.of(defs)
+        want: dict[str, dict[str, Any]] = {}
+        for entity in sorted({e[key] for e in unique}):
+            st = EntityState()
+            for e in unique:
+                if e[key] == entity:
+                    st.add(Rec(e["ts"], e["event_id"], e["behavior"], e["user_id"], e["item_id"],
+                               e["category_id"] or ""), plan)
+            want[entity] = st.online(plan)
+        wait_until(partial(_online_equals, store, key, want), 60,
+                   f"every {kind.name}'s compiled values online, as the Python engine computes them")
+
+
+def _online_equals(store: Any, key: str, want: dict[str, dict[str, Any]]) -> bool:
+    names = list(next(iter(want.values())))
+    got = store.get_online_features(features=[f"{n}:{n}" for n in names],
+                                    entity_rows=[{key: entity} for entity in want]).to_dict()
+    return all(got[n][i] is None if v[n] is None else got[n][i] == pytest.approx(v[n], rel=1e-9)
+               for i, v in enumerate(want.values()) for n in names)
 
 
 def test_point_in_time_reads_never_see_the_future(parity: dict[str, Any]) -> None:
