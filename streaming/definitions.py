@@ -1,18 +1,20 @@
-"""The feature catalogue (features/dsl.py) compiled into PyFlink operators.
+"""The feature catalogue (features/dsl.py) wired into PyFlink operators.
 
     de-duplicated events -> per entity kind with definitions: key by its key -> Definitions
                          '-> key by user -> CoVisitPairs -> key by item -> Definitions (pairs)
     Definitions emit, per record, the entity's online row (streaming only) and, as the
-    horizon passes (watermark - allowed lateness; in batch, the end of input), a final row
-    per distinct event time: the rows the offline store keeps.
+    horizon passes (the watermark minus ``settle_ms``; in batch, the end of input), a final
+    row per distinct event time: the rows the offline store keeps.
 
-The streaming job (jobs/feature_job.py) and the backfill (jobs/backfill.py) both call
+The catalogue job (jobs/catalogue_job.py) and the backfill (jobs/backfill.py) both call
 :func:`attach`: the same operators over the same implementation (streaming/aggregates.py),
-in streaming or in batch runtime mode.
+in streaming or in batch runtime mode. In a stream, :func:`attach_compiled` runs counts, sums,
+means, min and max in Flink SQL instead (streaming/sql.py): a GROUP BY per entity and pane for
+the online values, merged by :class:`OnlineValues`, and the stream plan for the final rows.
 
-Why Python operators and not Flink SQL windows: a SQL window emits once the watermark passes
-its end and drops late rows silently. Apps need a value within a second of each event, and
-late events within the allowed lateness must still count (and correct the offline rows).
+Why not Flink SQL windows: a SQL window emits once the watermark passes its end and drops
+late rows silently. Apps need a value within a second of each event, and late events within
+the allowed lateness must still count (and correct the offline rows).
 """
 
 from __future__ import annotations
