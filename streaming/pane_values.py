@@ -3,11 +3,11 @@
 Flink's GROUP BY (entity, pane) keeps each pane's totals (streaming/sql.py,
 ``Query.pane_totals``; the pane tiles every window's slide) and hands on, per mini-batch, the
 panes that changed. An entity's value is then the merge of the panes of the newest window
-containing its newest record, as
-streaming/aggregates.py computes it online: counts and sums add (a count or sum of nothing is
-0), means divide the summed sums by the summed counts, min and max take theirs (None for none).
-This module holds that merge; the keyed operator around it is streaming/definitions.py's
-``OnlineValues``.
+containing its newest record, as streaming/aggregates.py computes it online, with its own
+arithmetic (``Op.result``): counts and sums add (a count or sum of nothing is 0), means divide
+the summed sums by the summed counts, min and max take theirs (None for none). This module
+keeps the panes and picks each window's; the keyed operator around it is
+streaming/definitions.py's ``OnlineValues``.
 
 >>> from datetime import timedelta as td
 >>> from features.dsl import Count, Feature, Max, Ratio, Sliding, user
@@ -31,11 +31,10 @@ This module holds that merge; the keyed operator around it is streaming/definiti
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
-from features.dsl import Definition, Ratio
+from features.dsl import Definition
 from streaming.aggregates import Plan
 
 
@@ -51,17 +50,12 @@ class EntityPanes:
         self.newest = max(self.newest, newest)
 
 
-def _merge(kind: str, totals: list[list[float | None]], at: int) -> Any:
-    if kind in ("count", "sum"):
-        s = math.fsum(t[at] for t in totals if t[at] is not None)  # exact, as aggregates.py adds panes
-        return int(s) if kind == "count" else s
+def _acc(kind: str, totals: list[float | None], at: int) -> Any:
+    """A pane's totals as streaming/aggregates.py's accumulator of the kind (None: no record)."""
     if kind == "mean":
-        n = sum(t[at + 1] for t in totals if t[at + 1] is not None)
-        return math.fsum(t[at] for t in totals if t[at] is not None) / n if n else None
-    present = [t[at] for t in totals if t[at] is not None]
-    if not present:
-        return None
-    return min(present) if kind == "min" else max(present)
+        return (totals[at], int(totals[at + 1])) if totals[at + 1] else None
+    v = totals[at]
+    return int(v) if kind == "count" and v is not None else v
 
 
 class PaneMerge:
@@ -69,6 +63,7 @@ class PaneMerge:
 
     def __init__(self, fine_ms: int, shapes: list[tuple[int, int, list[tuple[str, str, int]]]], plan: Plan) -> None:
         self.fine_ms, self.shapes, self.plan = fine_ms, shapes, plan
+        self.ops = {op.name: op for op in plan.ops}  # the merge is aggregates.py's: Op.result
         self.reach_ms = max(slide * n for slide, n, _ in shapes)
 
     @classmethod
@@ -80,7 +75,7 @@ class PaneMerge:
         if len(kinds) != 1:
             raise ValueError(f"one entity kind per merge, got {sorted(k.name for k in kinds)}")
         fine_ms, shapes = Query.of(kinds.pop(), defs).pane_plan()
-        return cls(fine_ms, shapes, Plan.of([d for d in defs if isinstance(d, Ratio)]))
+        return cls(fine_ms, shapes, Plan.of(defs))
 
     def values(self, entity: EntityPanes) -> dict[str, Any]:
         """The values of the newest windows containing the entity's newest record; panes out of
@@ -94,5 +89,5 @@ class PaneMerge:
             start = (newest // slide_ms - n + 1) * slide_ms // fine  # the window's first fine pane
             totals = [t for p, t in panes.items() if p >= start]  # none is newer than the newest record
             for name, kind, at in parts:
-                out[name] = _merge(kind, totals, at)
+                out[name] = self.ops[name].result([_acc(kind, t, at) for t in totals])
         return self.plan.values(out)
