@@ -7,7 +7,7 @@
   freshrec doctor                     check Java, jars, binaries and ports
   freshrec init                       create topics, register feature views (for external Kafka/Redis)
   freshrec config                     every FRESHREC_* setting with its default
-  freshrec deploy [--print | --submit]  topic plan and the `flink run` for a Flink cluster (FRESHREC_FLINK_*)
+  freshrec deploy [--print | --submit] [--job J]  topic plan and the `flink run` for a Flink cluster (FRESHREC_FLINK_*)
   freshrec evaluate --source FILE     prequential top-K evaluation of the online models and baselines
                  [--features none|a,b]  ... with other definitions for the ranker to weigh
   freshrec model [list | rollback --to VERSION]   published model versions; serve an older snapshot again
@@ -330,8 +330,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from freshrec.deploy import describe, submit
 
     s = Settings.from_env()
-    print(describe(s), flush=True)
-    return submit(s) if args.submit else 0
+    try:
+        print(describe(s, args.job), flush=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return submit(s, args.job) if args.submit else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -444,6 +448,8 @@ def parser() -> argparse.ArgumentParser:
     how = dp.add_mutually_exclusive_group()
     how.add_argument("--print", action="store_true", help="print them (the default)")
     how.add_argument("--submit", action="store_true", help="print them, then run `flink run`")
+    dp.add_argument("--job", choices=["feature_job", "catalogue_job"],
+                    help="only this job (e.g. the catalogue job after a catalogue change); default: every job")
     dp.set_defaults(func=cmd_deploy)
     ev = log_source(sub.add_parser("evaluate", help="prequential top-K evaluation of the online models and "
                                                     "baselines on a log"))

@@ -20,6 +20,7 @@ the allowed lateness must still count (and correct the offline rows).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Collection
 from datetime import timedelta
@@ -167,19 +168,21 @@ class OnlineValues(KeyedProcessFunction):
     """One entity kind's compiled definitions online: folds the pane totals that Flink SQL hands
     on (``Query.pane_totals``: at most one row per entity and mini-batch) and emits the
     entity's values (streaming/pane_values.py). State: the entity's :class:`EntityPanes`, kept
-    ``ttl_ms`` after its last change, as long as the SQL keeps its panes (``state_ttl_ms``)."""
+    ``ttl_ms`` of processing time after its last change, as long as the SQL keeps its panes
+    (``state_ttl_ms``).
+
+    The expiry is a processing-time timer, one per entity at a time, not Flink's state TTL: a
+    Python ``StateTtlConfig`` asks PyFlink's Java gateway for its times, and a TaskManager's
+    embedded interpreter has no gateway (the job failed at open on a cluster). Nor an event-time
+    timer: after the SQL's mini-batch the watermark is the wall clock."""
 
     def __init__(self, catalogue: str, names: list[str], view: str, ttl_ms: int) -> None:
         self.catalogue, self.names, self.view, self.ttl_ms = catalogue, names, view, ttl_ms
 
     def open(self, runtime_context: RuntimeContext) -> None:
-        from pyflink.common.time import Time
-        from pyflink.datastream.state import StateTtlConfig
-
         self.merge = PaneMerge.of([d for d in load(self.catalogue) if d.name in self.names])
-        descriptor = ValueStateDescriptor("panes", Types.PICKLED_BYTE_ARRAY())
-        descriptor.enable_time_to_live(StateTtlConfig.new_builder(Time.milliseconds(self.ttl_ms)).build())
-        self.state = CachedValueState(runtime_context.get_state(descriptor))
+        self.state = CachedValueState(runtime_context.get_state(ValueStateDescriptor("panes",
+                                                                                 Types.PICKLED_BYTE_ARRAY())))
 
     def process_element(self, value: Any, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
         if value.get_row_kind() not in (RowKind.INSERT, RowKind.UPDATE_AFTER):
@@ -188,8 +191,24 @@ class OnlineValues(KeyedProcessFunction):
         panes: EntityPanes = self.state.value(entity) or EntityPanes()
         panes.put(value[1], value[2], list(value[3]))
         values = self.merge.values(panes)
+        panes.touched = int(time.time() * 1000)  # the TaskManager's clock, which its timers follow
+        if panes.expires is None:
+            panes.expires = panes.touched + self.ttl_ms
+            ctx.timer_service().register_processing_time_timer(panes.expires)
         self.state.update(entity, panes)
         yield self.view, entity, panes.newest, json.dumps(values)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> None:  # emits nothing
+        entity = ctx.get_current_key()
+        panes: EntityPanes | None = self.state.value(entity)
+        if panes is None:
+            return
+        if panes.touched + self.ttl_ms <= timestamp:
+            self.state.clear(entity)  # quiet for the TTL: the SQL has forgotten its panes too
+            return
+        panes.expires = panes.touched + self.ttl_ms  # changed since: wait from the last change
+        ctx.timer_service().register_processing_time_timer(panes.expires)
+        self.state.update(entity, panes)
 
 
 def state_ttl_ms(defs: list[Definition], lateness_ms: int) -> int:

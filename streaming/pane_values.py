@@ -39,11 +39,14 @@ from streaming.aggregates import Plan
 
 
 class EntityPanes:
-    """One entity's totals per pane, and the time of its newest record."""
+    """One entity's totals per pane, and the time of its newest record; ``touched`` and
+    ``expires`` are the keyed operator's (wall-clock ms of the last change, of its expiry timer)."""
 
     def __init__(self) -> None:
         self.panes: dict[int, list[float | None]] = {}
         self.newest = -(2**63)
+        self.touched = 0
+        self.expires: int | None = None
 
     def put(self, pane: int, newest: int, totals: list[float | None]) -> None:
         self.panes[pane] = totals

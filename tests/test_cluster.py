@@ -2,7 +2,9 @@
 to a standalone JobManager + TaskManager (streaming/standalone.py, the docker-compose path
 without docker), its features equal counts computed independently; a second submission
 after a cancel runs in the same TaskManager (flink-python in lib/); and at parallelism 2 it
-writes the features it writes at parallelism 1 (no operator's work sits on one key)."""
+writes the features it writes at parallelism 1 (no operator's work sits on one key). So does
+the catalogue job, submitted alone (`--job catalogue_job`), its SQL operators and its Python
+operators alike."""
 
 from __future__ import annotations
 
@@ -10,15 +12,19 @@ import json
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from connectors.feast_redis import FeastRedisReader
+from connectors.schema import BehaviorEvent
 from features.definitions import FEATURE_VIEWS
-from features.dsl import trending_key
+from features.dsl import load, trending_key
+from features.store import feature_store
 from freshrec.config import Settings
 from streaming.standalone import StandaloneCluster, start_standalone_cluster
 from streaming.state import Spec
@@ -51,8 +57,9 @@ def taskmanagers(c: StandaloneCluster) -> int:
         return 0
 
 
-def submit(c: StandaloneCluster, s: Settings) -> str:
-    done = subprocess.run([sys.executable, "-m", "freshrec.cli", "deploy", "--submit"], capture_output=True,
+def submit(c: StandaloneCluster, s: Settings, job: str | None = None) -> str:
+    done = subprocess.run([sys.executable, "-m", "freshrec.cli", "deploy", "--submit",
+                           *(["--job", job] if job else [])], capture_output=True,
                           text=True, timeout=240, env={**c.env, **s.to_env()})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "flink run --jobmanager" in done.stdout  # the plan it printed is the command it ran
@@ -150,16 +157,94 @@ def test_parallelism_two_writes_the_features_of_parallelism_one(cluster: Standal
         assert features(two, users, items, categories) == expected  # pytest shows where they differ
     # and the work spread: both subtasks of every operator had records (a constant key sends all
     # to one), but the global trending list's merge, which gets a row per shard and tick
-    def records() -> dict[str, list[int]]:  # Flink's REST metrics lag a few seconds
-        vertices = [v for v in rest(cluster, f"/jobs/{job}")["vertices"] if not v["name"].startswith("Source:")]
-        return {v["name"]: [t["metrics"]["read-records"]
-                            for t in rest(cluster, f"/jobs/{job}/vertices/{v['id']}")["subtasks"]] for v in vertices}
+    spread_over_subtasks(cluster, job, lambda name, counts: name != "trending")
+    cancel_running(cluster)
 
+
+def records_per_subtask(c: StandaloneCluster, job: str) -> dict[str, list[int]]:
+    """Each operator's records read, per subtask (sources left out). Flink's REST metrics lag a
+    few seconds."""
+    vertices = [v for v in rest(c, f"/jobs/{job}")["vertices"] if not v["name"].startswith("Source:")]
+    return {v["name"]: [t["metrics"]["read-records"] for t in rest(c, f"/jobs/{job}/vertices/{v['id']}")["subtasks"]]
+            for v in vertices}
+
+
+def spread_over_subtasks(c: StandaloneCluster, job: str, applies: Callable[[str, list[int]], bool]) -> None:
+    """Both subtasks of every operator that ``applies`` read records."""
     def spread() -> bool:
-        return all(min(counts) > 0 for name, counts in records().items() if name != "trending")
+        return all(min(counts) > 0 for name, counts in records_per_subtask(c, job).items() if applies(name, counts))
 
     try:
         wait_until(spread, 30, "records in both subtasks of every operator")
     except AssertionError:
-        assert not records()  # pytest shows each operator's records per subtask
+        assert not records_per_subtask(c, job)  # pytest shows each operator's records per subtask
+
+
+def catalogue_values(s: Settings, events: list[BehaviorEvent]) -> dict[str, dict[str, list[Any]]]:
+    """Every definition's online value for every entity of the events, read through Feast as
+    the API reads them."""
+    store = feature_store(s)
+    defs = load(s.features)
+    out = {}
+    for kind in {d.entity_kind for d in defs}:
+        keys = sorted({tuple(getattr(e, k) for k in kind.join_keys) for e in events
+                       if all(getattr(e, k) for k in kind.join_keys)})
+        names = [d.name for d in defs if d.entity_kind == kind]
+        got = store.get_online_features(features=[f"{n}:{n}" for n in names],
+                                        entity_rows=[dict(zip(kind.join_keys, k, strict=True)) for k in keys])
+        out[kind.name] = got.to_dict()
+    return out
+
+
+def test_catalogue_job_at_parallelism_two_writes_what_parallelism_one_writes(
+        cluster: StandaloneCluster, make_settings: Callable[[str], Settings]) -> None:
+    """The default catalogue, SQL operators and Python operators alike, keyed by entity: two
+    subtasks of each write what one writes, and both have work."""
+    wait_until(lambda: taskmanagers(cluster) == 1, 120, "a TaskManager to register")
+    cancel_running(cluster)
+    # The default idle timeout: the catalogue job starts slower than a short one allows, and a
+    # partition still unread would count as idle (the watermark would pass its events).
+    one, two = (make_settings(f"clc{p}").replace(flink_jobmanager=cluster.address, flink_mode="cluster",
+                                                 features="features.catalog", parallelism=p, idle_timeout_ms=30_000)
+                for p in (1, 2))
+    two = two.replace(events_topic=one.events_topic, dlq_topic=one.dlq_topic)  # one log, two projects
+    events = generated("clc-", 400, seed=24, n_categories=6)
+    produce(one, events)
+    views = Counter((e.user_id, "user") for e in events if e.behavior == "view")
+    views.update((e.item_id, "item") for e in events if e.behavior == "view")
+
+    submit(cluster, one, job="catalogue_job")
+
+    def counted() -> dict[str, dict[str, list[Any]]] | None:
+        now = catalogue_values(one, events)
+        got = [(v or 0) for v in now["user"]["user_views_1h"]] + [(v or 0) for v in now["item"]["item_views_1h"]]
+        want = [views[(u, "user")] for u in now["user"]["user_id"]] + [views[(i, "item")]
+                                                                       for i in now["item"]["item_id"]]
+        return now if got == want else None
+
+    wait_until(counted, 120, "parallelism 1's view counts to count every event")
+    # the Python operators' rows (distinct counts, last-N, co-visitation) follow on their own
+    # flushes: wait until everything holds still
+    previous: list[object] = [None]
+
+    def still() -> dict[str, dict[str, list[Any]]] | None:
+        now = catalogue_values(one, events)
+        same, previous[0] = now == previous[0], now
+        return now if same else None
+
+    expected = wait_until(still, 60, "parallelism 1's values to settle", every=2.0)
+    assert any(expected["item"]["item_covisited_1d"]) and all(expected["user"]["user_last_categories"])
+    cancel_running(cluster)
+
+    job = submit(cluster, two, job="catalogue_job")
+    vertices = {v["name"]: v["parallelism"] for v in rest(cluster, f"/jobs/{job}")["vertices"]}
+    assert set(vertices.values()) == {2}, vertices
+    try:
+        wait_until(lambda: catalogue_values(two, events) == expected, 120,
+                   "parallelism 2's values to equal parallelism 1's")
+    except AssertionError:
+        assert catalogue_values(two, events) == expected  # pytest shows where they differ
+    # Operators that saw a few records may by chance have them all in one subtask; a constant
+    # key would send one a stream's every record.
+    spread_over_subtasks(cluster, job, lambda name, counts: sum(counts) >= 50)
     cancel_running(cluster)
