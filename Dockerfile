@@ -1,6 +1,7 @@
 # One image for the feature job, the init step and the API.
 FROM python:3.11-slim-bookworm
-RUN apt-get update && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+# a JDK: `freshrec setup` compiles freshrec's Flink SQL functions (streaming/java)
+RUN apt-get update && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./

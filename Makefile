@@ -16,6 +16,11 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	@echo "installing dependencies into $(VENV) (first time: ~3 min, ~2 GB)"
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	$(BIN)/pip check
+	@command -v javac >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing a JDK 17 for freshrec's Flink SQL functions (streaming/java; once)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless; \
+	  else echo "freshrec's Flink SQL functions need javac: sudo apt-get install openjdk-17-jdk-headless"; exit 1; fi; }
 	$(BIN)/freshrec setup
 	@touch $(STAMP)
 

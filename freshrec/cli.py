@@ -75,7 +75,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from connectors.embedded import ServiceError, alive, redis_binary, tansu_binary
     from freshrec.stack import wait_port_free
     from serving.status import stack_doc
-    from streaming.jars import missing_jars
+    from streaming.jars import functions_jar_path, missing_jars
 
     settings = Settings.from_env()
     problems = 0
@@ -91,10 +91,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
         version = out.splitlines()[0] if out else ""
     report(bool(java) and any(f'"{v}' in version for v in ("11", "17", "21")), f"Java: {version or 'not found'}",
-           "install OpenJDK 17 (apt-get install openjdk-17-jre-headless); Flink 2.3 runs on Java 11/17/21")
+           "install OpenJDK 17 (apt-get install openjdk-17-jdk-headless); Flink 2.3 runs on Java 11/17/21")
     missing = missing_jars()
     report(not missing, "Kafka connector jars" + (f" missing: {', '.join(map(str, missing))}" if missing else ""),
            "run `freshrec setup` (downloads them once, verified by hash)")
+    javac, functions = shutil.which("javac"), functions_jar_path()
+    report(bool(javac), f"javac (compiles streaming/java): {javac or 'not found'}",
+           "install a JDK 17 (apt-get install openjdk-17-jdk-headless)")
+    report(functions.exists(), f"freshrec's Flink SQL functions: {functions}", "run `freshrec setup` (compiles them)")
     for name, find in (("Tansu broker", tansu_binary), ("redis-server", redis_binary)):
         try:
             report(True, f"{name}: {find()}")

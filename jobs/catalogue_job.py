@@ -5,7 +5,7 @@
       -> key by user: drop duplicates
       -> the feature catalogue (FRESHREC_FEATURES), split by streaming/sql.split:
          counts, sums, means, min, max and their ratios in Flink SQL (attach_compiled:
-           pane totals -> OnlineValues -> online rows; the stream plan -> final rows to the
+           a GROUP BY entity -> online rows; the stream plan -> final rows to the
            feature log from Java; records behind the watermark -> DLQ)
          the rest on Python operators (attach: per entity kind and co-visitation definition,
            keyed state over event-time windows -> online rows and final rows)
@@ -55,10 +55,9 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
                                 settle_ms=0)
     for stream in late:
         stream.sink_to(kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
-    if compiled:
-        rows += attach_compiled(env, unique, s.features, {d.name for d in compiled}, lateness, s.kafka_bootstrap,
-                                feature_log_topic(s), s.dlq_topic)
-    write_rows(s, rows, tuple(finals))
+    sql_rows = attach_compiled(env, unique, s.features, {d.name for d in compiled}, lateness, s.kafka_bootstrap,
+                               feature_log_topic(s), s.dlq_topic) if compiled else []
+    write_rows(s, rows, tuple(finals), tuple(sql_rows))
 
 
 AUTOGROUP = Path("/proc/self/autogroup")

@@ -554,14 +554,20 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
     return events
 
 
-def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = ()) -> None:
-    """Feature rows -> Redis in Feast's layout; rows and ``finals`` -> the feature log."""
+def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = (), sql_rows: tuple[Any, ...] = ()) -> None:
+    """Feature rows -> Redis in Feast's layout; rows and ``finals`` -> the feature log.
+    ``sql_rows``: rows straight from Flink SQL, in a Redis sink of their own: their row type is
+    the table's, and a conversion to the others' would cost a Python call per row."""
     parallelism = s.parallelism
-    first, *rest = rows
-    written = (first.union(*rest)
-               .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
-               .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
-    written.union(*finals).sink_to(kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+    written = []
+    for streams, uid in ((rows, "feast"), (sql_rows, "feast_sql")):
+        if streams:
+            first, *rest = streams
+            written.append(first.union(*rest)
+                           .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
+                           .process(FeastSink(s), output_type=Types.STRING()).name(uid).uid(uid))
+    first, *rest = written
+    first.union(*rest, *finals).sink_to(kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
 
 
 def build(env: Any, s: Settings, epoch: Epoch) -> None:

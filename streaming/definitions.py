@@ -9,8 +9,9 @@
 The catalogue job (jobs/catalogue_job.py) and the backfill (jobs/backfill.py) both call
 :func:`attach`: the same operators over the same implementation (streaming/aggregates.py),
 in streaming or in batch runtime mode. In a stream, :func:`attach_compiled` runs counts, sums,
-means, min and max in Flink SQL instead (streaming/sql.py): a GROUP BY per entity and pane for
-the online values, merged by :class:`OnlineValues`, and the stream plan for the final rows.
+means, min and max in Flink SQL instead (streaming/sql.py): a GROUP BY per entity for the
+online values (its aggregate, streaming/java's pane_merge, merges the newest windows' panes),
+and the stream plan for the final rows.
 
 Why not Flink SQL windows: a SQL window emits once the watermark passes its end and drops
 late rows silently. Apps need a value within a second of each event, and late events within
@@ -20,13 +21,12 @@ the allowed lateness must still count (and correct the offline rows).
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Collection
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pyflink.common import Row, RowKind, Types
+from pyflink.common import Row, Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
@@ -34,7 +34,6 @@ from connectors.schema import dead_letter
 from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, item, load
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.cached_state import CachedValueState
-from streaming.pane_values import EntityPanes, PaneMerge
 from streaming.sql import EVENT_COLUMNS
 from streaming.state import Ev, RecentViews, Seen, Spec
 
@@ -164,53 +163,6 @@ class Definitions(KeyedProcessFunction):
             self._timer(ctx, key, st.newest + self.reach_ms + self.lateness_ms + 2)
 
 
-class OnlineValues(KeyedProcessFunction):
-    """One entity kind's compiled definitions online: folds the pane totals that Flink SQL hands
-    on (``Query.pane_totals``: at most one row per entity and mini-batch) and emits the
-    entity's values (streaming/pane_values.py). State: the entity's :class:`EntityPanes`, kept
-    ``ttl_ms`` of processing time after its last change, as long as the SQL keeps its panes
-    (``state_ttl_ms``).
-
-    The expiry is a processing-time timer, one per entity at a time, not Flink's state TTL: a
-    Python ``StateTtlConfig`` asks PyFlink's Java gateway for its times, and a TaskManager's
-    embedded interpreter has no gateway (the job failed at open on a cluster). Nor an event-time
-    timer: after the SQL's mini-batch the watermark is the wall clock."""
-
-    def __init__(self, catalogue: str, names: list[str], view: str, ttl_ms: int) -> None:
-        self.catalogue, self.names, self.view, self.ttl_ms = catalogue, names, view, ttl_ms
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        self.merge = PaneMerge.of([d for d in load(self.catalogue) if d.name in self.names])
-        self.state = CachedValueState(runtime_context.get_state(ValueStateDescriptor("panes",
-                                                                                 Types.PICKLED_BYTE_ARRAY())))
-
-    def process_element(self, value: Any, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        if value.get_row_kind() not in (RowKind.INSERT, RowKind.UPDATE_AFTER):
-            return  # an upsert changelog: the newer row replaces the pane
-        entity = value[0]
-        panes: EntityPanes = self.state.value(entity) or EntityPanes()
-        panes.put(value[1], value[2], list(value[3]))
-        values = self.merge.values(panes)
-        panes.touched = int(time.time() * 1000)  # the TaskManager's clock, which its timers follow
-        if panes.expires is None:
-            panes.expires = panes.touched + self.ttl_ms
-            ctx.timer_service().register_processing_time_timer(panes.expires)
-        self.state.update(entity, panes)
-        yield self.view, entity, panes.newest, json.dumps(values)
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext) -> None:  # emits nothing
-        entity = ctx.get_current_key()
-        panes: EntityPanes | None = self.state.value(entity)
-        if panes is None:
-            return
-        if panes.touched + self.ttl_ms <= timestamp:
-            self.state.clear(entity)  # quiet for the TTL: the SQL has forgotten its panes too
-            return
-        panes.expires = panes.touched + self.ttl_ms  # changed since: wait from the last change
-        ctx.timer_service().register_processing_time_timer(panes.expires)
-        self.state.update(entity, panes)
-
-
 def state_ttl_ms(defs: list[Definition], lateness_ms: int) -> int:
     """How long the compiled operators keep an entity's state after its last change: until no
     window can reach its records and no late record can join them, twice over, because state
@@ -331,15 +283,16 @@ def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str
     stream) onto de-duplicated events (:data:`EVENT_ROW`), in Flink's own operators:
 
         events (event time rt; the source's watermark, which holds back ``lateness_ms``) -> per kind:
-          GROUP BY (entity, pane), mini-batch -> OnlineValues (Python, keyed by
-            entity; merges the newest window's panes) -> online rows (returned, for Redis)
+          GROUP BY entity, mini-batch (Query.online: pane_merge keeps the entity's pane totals
+            and merges the newest windows') -> online rows (returned, for Redis)
           the stream plan (Query.select(stream=True)) -> final rows -> the feature log, in Kafka
         records behind the watermark -> the DLQ (counted online, left out of the final rows)
 
-    The online rows' view is ``@catalogue_<kind>_sql``; the final rows carry it too."""
+    The online rows' view is ``@catalogue_<kind>_sql``; the final rows carry it too. The online
+    rows are the table's rows, not :data:`ROW` tuples: ``write_rows(sql_rows=)`` takes them."""
     from pyflink.table import ChangelogMode, Schema, StreamTableEnvironment
 
-    from streaming.sql import column_list, epoch_ms, kafka_table, name, queries, use_utc
+    from streaming.sql import column_list, epoch_ms, kafka_table, name, queries, use_functions, use_utc
 
     defs = [d for d in load(catalogue) if d.name in names]
     ttl_ms = state_ttl_ms(defs, lateness_ms)
@@ -363,16 +316,18 @@ def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str
         return t_env
 
     online, t_env = tables(mini_batch=True), tables(mini_batch=False)
+    use_functions(online)
     statements = t_env.create_statement_set()
-    pane_rows = Schema.new_builder().primary_key("entity", "pane").build()
+    by_entity = Schema.new_builder().primary_key("entity").build()
     rows = []
     for q in queries(defs):
         uid = f"catalogue_{q.kind.name}_sql"
         view = DEFINED + uid
-        panes = online.to_changelog_stream(online.sql_query(q.pane_totals("events")), pane_rows, ChangelogMode.upsert())
-        rows.append(panes.key_by(lambda r: r[0], key_type=Types.STRING())
-                    .process(OnlineValues(catalogue, q.names, view, ttl_ms), output_type=ROW)
-                    .name(uid).uid(uid))
+        # Rows (view, entity, ts, payload) for jobs.feature_job.write_rows(sql_rows=): inserts and
+        # updates only, as a GROUP BY over appended events retracts nothing and state TTL expires
+        # without a row.
+        rows.append(online.to_changelog_stream(online.sql_query(q.online("events", view)), by_entity,
+                                               ChangelogMode.upsert()))
         values = [(c, t) for c, t in q.columns if c not in {*q.kind.join_keys, "ts"}]
         t_env.create_temporary_view(f"finals_{uid}", t_env.sql_query(q.select("events", stream=True)))
         t_env.execute_sql(kafka_table(f"log_{uid}", [("view", "STRING"), ("entity", "STRING"), ("ts", "BIGINT"),

@@ -103,5 +103,6 @@ def table_environment(batch: bool = False, parallelism: int = 1):  # noqa: ANN20
     t_env = TableEnvironment.create(EnvironmentSettings.in_batch_mode() if batch
                                     else EnvironmentSettings.in_streaming_mode())
     t_env.get_config().set("parallelism.default", str(parallelism))
+    t_env.get_config().set("pipeline.jars", pipeline_jars_option())  # freshrec's functions (streaming/java)
     use_utc(t_env)
     return t_env

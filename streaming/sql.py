@@ -74,6 +74,7 @@ EVENT_COLUMNS = (("event_id", "STRING"), ("user_id", "STRING"), ("item_id", "STR
                  ("ts", "BIGINT"), ("category_id", "STRING"))
 
 
+_AGG_CODES = {"SUM": "S", "COUNT": "C", "MIN": "m", "MAX": "M"}  # PaneMerge.java's plan: a pane total's aggregate
 MAX_LAST_N = 50  # a column per entry: longer lists stay on the Python operators
 
 
@@ -343,33 +344,38 @@ class Query:
 
     @property
     def fine_ms(self) -> int:
-        """The pane of :meth:`pane_totals`: the greatest that tiles every window's slide."""
+        """The pane of :meth:`online`: the greatest that tiles every window's slide."""
         return math.gcd(*(shape.slide_ms for shape in self.shapes))
 
-    def pane_totals(self, source: str) -> str:
-        """The online values' input: each entity's totals per pane of :attr:`fine_ms`. A GROUP
-        BY emits on every record, in any order (with mini-batch, once per entity and flush), so
-        the values follow each event within the flush. The Python operator that merges the
-        newest windows' panes (streaming/pane_values.py) sees these rows, not the events: one per
-        entity and flush, whatever the number of definitions and window shapes. Rows: (entity,
-        pane, newest ts, totals), the totals in :meth:`pane_plan`'s order, as DOUBLEs."""
+    def online(self, source: str, view: str) -> str:
+        """The online values, as streaming/aggregates.py computes them as of each entity's
+        newest record: a GROUP BY entity whose aggregate, ``pane_merge`` (streaming/java,
+        registered by :func:`use_functions`), keeps the entity's totals per pane of
+        :attr:`fine_ms` and merges the newest windows' panes. A group aggregation emits on every
+        record, in any order (with mini-batch, once per entity and flush), so the values follow
+        each event, late ones inside the lateness too. Rows: (view, entity, newest ts, the
+        values as a JSON object), the Redis sink's rows."""
         if self.distincts or self.lasts:
-            raise ValueError("distinct counts and last-N lists have no pane totals: split(defs, stream=True)")
-        totals = ", ".join(f"CAST({agg}({p.x}) AS DOUBLE)" for p in self.parts for _, agg, _ in p.components())
+            raise ValueError("distinct counts and last-N lists have no online plan: split(defs, stream=True)")
+        comps, parts = [], []
+        for i, p in enumerate(self.parts):
+            parts.append(f"{p.kind}:{len(comps)}:{_Shape.of(p.d.window).slide_ms}:{_Shape.of(p.d.window).panes}")
+            comps += [f"{_AGG_CODES[agg]}{i}" for _, agg, _ in p.components()]
+        plan = f"{self.fine_ms}|{','.join(comps)}|{','.join(parts)}"
+        inputs = ", ".join(f"CAST({p.x} AS DOUBLE)" for p in self.parts)
+        values = {p.d.name: f"CAST(v[{i + 1}] AS BIGINT)" if p.kind == "count" else f"v[{i + 1}]"
+                  for i, p in enumerate(self.parts)}
+        for r in self.ratios:  # aggregates.RatioOp
+            den = f"(COALESCE({values[r.denominator.name]}, 0) + {literal(r.prior_weight)})"
+            num = f"(COALESCE({values[r.numerator.name]}, 0) + {literal(r.prior * r.prior_weight)})"
+            values[r.name] = f"CASE WHEN {den} <> 0.0E0 THEN {num} / {den} END"
+        payload = ", ".join(f"KEY {_string(n)} VALUE {v}" for n, v in values.items())
         return (f"WITH {self._records(source, False)}\n"
-                f"SELECT entity, pane, MAX(ts) AS newest, ARRAY[{totals}] AS totals FROM "
-                f"(SELECT {self.entity()} AS entity, COALESCE(ts, 0) / {self.fine_ms} AS pane, ts, "
-                f"{', '.join(p.x for p in self.parts)} FROM r) GROUP BY entity, pane")
-
-    def pane_plan(self) -> tuple[int, list[tuple[int, int, list[tuple[str, str, int]]]]]:
-        """:meth:`pane_totals`'s pane (ms) and, per window shape, (slide ms, panes, [(definition,
-        kind, index of its first total)]); a mean's totals are its sum and its count."""
-        offsets, at = {}, 0
-        for p in self.parts:
-            offsets[p.d.name] = at
-            at += len(p.aggs)
-        return self.fine_ms, [(shape.slide_ms, shape.panes, [(p.d.name, p.kind, offsets[p.d.name])
-                                                             for p in self._parts(shape)]) for shape in self.shapes]
+                f"SELECT CAST({_string(view)} AS STRING) AS view, entity, newest AS ts, "
+                f"JSON_OBJECT({payload} NULL ON NULL) AS payload "
+                f"FROM (SELECT entity, MAX(ts) AS newest, pane_merge({_string(plan)}, ts, ARRAY[{inputs}]) AS v FROM "
+                f"(SELECT {self.entity()} AS entity, COALESCE(ts, 0) AS ts, "
+                f"{', '.join(p.x for p in self.parts)} FROM r) GROUP BY entity)")
 
     def _parts(self, shape: _Shape) -> list[_Part]:
         """The parts whose windows have this shape."""
@@ -507,6 +513,12 @@ def table(table_name: str, columns: Iterable[tuple[str, str]], path: str, latene
     return (f"CREATE TEMPORARY TABLE {name(table_name)} ({cols}) WITH ('connector' = 'filesystem', "
             f"'path' = {_string(path)}, 'format' = 'csv', 'csv.field-delimiter' = '\\t', "
             "'csv.disable-quote-character' = 'true', 'csv.null-literal' = '')")
+
+
+def use_functions(t_env: Any) -> None:
+    """Register freshrec's functions (streaming/java; their jar is in ``pipeline.jars`` or the
+    cluster's lib/, streaming/jars.py)."""
+    t_env.create_java_temporary_system_function("pane_merge", "freshrec.PaneMerge")
 
 
 def use_utc(t_env: Any) -> None:

@@ -32,8 +32,6 @@ from features.dsl import (
 )
 from features.registry import definition_views, plan
 from streaming.aggregates import EntityState, Plan, Rec
-from streaming.pane_values import EntityPanes, PaneMerge
-from streaming.sql import Query, split
 
 W = Sliding(size=td(seconds=60), slide=td(seconds=10))
 
@@ -180,54 +178,6 @@ def test_settling_in_steps_across_long_gaps_gives_the_rows_of_one_settle() -> No
     rows += stepped.settle(2**62, plan)
     assert rows == once.settle(2**62, plan)
     assert [v["distinct"] for _, v in rows] == [1, 2, 2, 1, 2, 1, 1, 2, 3, 1]
-
-
-def _pane_totals(d: Feature, recs: list[Rec]) -> list[float | None]:
-    """A pane's totals as Flink SQL's GROUP BY keeps them (streaming/sql.py, Query.pane_totals),
-    straight from the definition: a count, a sum, a mean's sum and count, a min or a max."""
-    agg, on = d.aggregation, [r for r in recs if not d.behaviors or r.behavior in d.behaviors]
-    if isinstance(agg, Count):
-        return [float(len(on)) if on else None]
-    if isinstance(agg, Sum):
-        return [math.fsum(agg.of.get(r.behavior, 0) for r in on) if on else None]
-    if isinstance(agg, Mean):
-        return [float(sum(r.ts // 3_600_000 % 24 for r in on)) if on else None, float(len(on)) if on else None]
-    pick = min if isinstance(agg, Min) else max
-    return [float(pick(r.ts for r in on)) if on else None]
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_pane_totals_merge_into_the_online_values(seed: int) -> None:
-    """The compiled online path: Flink hands on the changed panes' totals, a few records at a time
-    and in any order; merged, they give the Python engine's online values after every batch."""
-    rnd = random.Random(seed)
-    compiled, rest = split([*DEFS, N_BUYS, RATE], stream=True)
-    assert {d.name for d in rest} == {"items", "last3"}
-    merge, (fine, shapes) = PaneMerge.of(compiled), Query.of(user, compiled).pane_plan()
-    assert fine == 10_000  # the panes of a 10 s slide also tile a 30 s one
-    order = sorted({(at, name) for _, _, parts in shapes for name, _, at in parts})
-    by_name = {d.name: d for d in compiled}
-    span = [300_000, 3_000_000][seed % 2]
-    recs = [Rec(1_700_000_000_000 + rnd.randrange(0, span) // 500 * 500, f"e{i}",
-                rnd.choice(["view", "view", "buy", "cart"]), "u", f"i{rnd.randrange(8)}", "c") for i in range(200)]
-    arrival = sorted(recs, key=lambda r: r.ts + rnd.randrange(0, 20_000))
-    p, st, panes, seen = Plan.of(compiled), EntityState(), EntityPanes(), []
-    i = 0
-    while i < len(arrival):
-        batch = arrival[i:i + rnd.randrange(1, 6)]  # one mini-batch: a pane's newest totals only
-        i += len(batch)
-        seen += batch
-        for r in batch:
-            st.add(r, p)
-        for pane in sorted({r.ts // fine for r in batch}, key=lambda _: rnd.random()):
-            mine = [r for r in seen if r.ts // fine == pane]
-            totals = [t for _, name in order for t in _pane_totals(by_name[name], mine)]
-            panes.put(pane, max(r.ts for r in mine), totals)
-        got, want = merge.values(panes), st.online(p)
-        assert got.keys() == want.keys()
-        for name, v in want.items():
-            assert v == pytest.approx(got[name], rel=1e-12) if v is not None else got[name] is None, name
-    assert len(panes.panes) <= 6  # panes out of reach of the 60 s window were dropped
 
 
 def test_a_changed_definition_starts_afresh_and_others_keep_their_state() -> None:

@@ -1,11 +1,14 @@
 """The compiled definitions' one plan (streaming/sql.py) in both of Flink's runtime modes: a
 stream of out-of-order events gives the final rows a batch run gives, and both equal the Python
-engine's (streaming/aggregates.py), so the backfill and a stream agree by construction.
+engine's (streaming/aggregates.py), so the backfill and a stream agree by construction. The
+online values (``Query.online``: streaming/java's pane_merge) follow the Python engine's online
+values record by record.
 
 No services: a table environment over a file the test writes, bounded, so the stream ends."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from datetime import timedelta as td
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyflink.common import RowKind
 
 from features.dsl import Count, Feature, Max, Mean, Min, Ratio, Sliding, Sum, Tumbling, item, user
 from streaming import sql
@@ -61,6 +65,19 @@ def _run(mode: str, plan: str, path: Path, queries: list[sql.Query]) -> dict[str
     return rows
 
 
+def _online(path: Path, queries: list[sql.Query]) -> dict[str, list[tuple[str, int, dict[str, Any]]]]:
+    """Each kind's online rows in the order the stream emitted them: (entity, ts, values)."""
+    t_env = table_environment(batch=False, parallelism=2)
+    sql.use_functions(t_env)
+    t_env.execute_sql(sql.table("events", sql.EVENT_COLUMNS, str(path)))
+    rows = {}
+    for q in queries:
+        with t_env.execute_sql(q.online("events", "v")).collect() as results:
+            rows[q.kind.name] = [(r[1], r[2], json.loads(r[3])) for r in results
+                                 if r.get_row_kind() in (RowKind.INSERT, RowKind.UPDATE_AFTER)]
+    return rows
+
+
 def _python(events: list[tuple[Any, ...]]) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
     """The Python engine's final rows, each entity folded in arrival order and settled at the end."""
     out: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
@@ -91,7 +108,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     queries = sql.queries(compiled)
     return {"events": events, "queries": queries, "batch": _run("batch", "batch", path, queries),
             "stream": _run("stream", "stream", path, queries),
-            "stream plan in batch": _run("batch", "stream", path, queries)}
+            "stream plan in batch": _run("batch", "stream", path, queries), "online": _online(path, queries)}
 
 
 def test_a_stream_gives_the_final_rows_of_a_batch_run(runs: dict[str, Any]) -> None:
@@ -117,3 +134,34 @@ def test_the_compiled_rows_equal_the_python_engines(runs: dict[str, Any]) -> Non
         for point, values in want.items():
             for name, value in values.items():
                 assert _same(got[point][name], value), (q.kind.name, point, name, got[point][name], value)
+
+
+def test_the_online_values_follow_the_python_engines(runs: dict[str, Any]) -> None:
+    """Per entity, each value the GROUP BY emitted is the Python engine's online value after a
+    prefix of the entity's records in arrival order (an update that changes nothing is not
+    emitted), the last after all of them: late records inside the lateness count, and panes
+    that leave the window leave the value."""
+    events = runs["events"]
+    for kind, key in (("user", 1), ("item", 2)):
+        plan = Plan.of([d for d in DEFS if d.entity_kind.name == kind])
+        emitted: dict[str, list[dict[str, Any]]] = {}
+        for entity, _, values in runs["online"][kind]:
+            emitted.setdefault(entity, []).append(values)
+        assert emitted.keys() == {e[key] for e in events}
+        for entity, got in emitted.items():
+            st, prefixes = EntityState(), []
+            for e in events:
+                if e[key] == entity:
+                    st.add(Rec(e[4], e[0], e[3], e[1], e[2], e[5]), plan)
+                    prefixes.append(st.online(plan))
+            at = 0
+            for values in got:  # a subsequence of the prefixes' values
+                while at < len(prefixes) and not _same_values(values, prefixes[at]):
+                    at += 1
+                assert at < len(prefixes), (kind, entity, values)
+            assert _same_values(got[-1], prefixes[-1]), (kind, entity)
+            assert len(got) > 1
+
+
+def _same_values(got: dict[str, Any], want: dict[str, Any]) -> bool:
+    return got.keys() == want.keys() and all(_same(got[n], v) for n, v in want.items())
