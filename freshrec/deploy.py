@@ -22,6 +22,11 @@ code, a catalogue included, is a new image and a TaskManager restart.
 ['flink', 'run', '--jobmanager', 'jm:8081', '--detached', '--parallelism', '2', '--python', '/app/jobs/feature_job.py']
 >>> flink_run(s, root=Path("/app"), job="catalogue_job")[8]
 '/app/jobs/catalogue_job.py'
+>>> list(chosen(Settings(features="features.none")))
+['feature_job']
+>>> chosen(Settings(features="features.none"), "catalogue_job")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+ValueError: --job catalogue_job: this configuration runs feature_job; the catalogue job runs when ...
 """
 
 from __future__ import annotations
