@@ -171,13 +171,15 @@ def records_per_subtask(c: StandaloneCluster, job: str) -> dict[str, list[int]]:
 
 def spread_over_subtasks(c: StandaloneCluster, job: str, applies: Callable[[str, list[int]], bool]) -> None:
     """Both subtasks of every operator that ``applies`` read records."""
-    def spread() -> bool:
-        return all(min(counts) > 0 for name, counts in records_per_subtask(c, job).items() if applies(name, counts))
+    def lopsided() -> dict[str, list[int]]:
+        return {name: counts for name, counts in records_per_subtask(c, job).items()
+                if applies(name, counts) and min(counts) == 0}
 
     try:
-        wait_until(spread, 30, "records in both subtasks of every operator")
+        # REST metrics come from the TaskManagers every 10 s; a subtask's may lag behind another's
+        wait_until(lambda: not lopsided(), 60, "records in both subtasks of every operator", every=2.0)
     except AssertionError:
-        assert not records_per_subtask(c, job)  # pytest shows each operator's records per subtask
+        assert not lopsided()  # pytest shows the operators whose records sat in one subtask
 
 
 def catalogue_values(s: Settings, events: list[BehaviorEvent]) -> dict[str, dict[str, list[Any]]]:
@@ -208,7 +210,9 @@ def test_catalogue_job_at_parallelism_two_writes_what_parallelism_one_writes(
                                                  features="features.catalog", parallelism=p, idle_timeout_ms=30_000)
                 for p in (1, 2))
     two = two.replace(events_topic=one.events_topic, dlq_topic=one.dlq_topic)  # one log, two projects
-    events = generated("clc-", 400, seed=24, n_categories=6)
+    # 40 categories: the category kind's operators key by (category, pane), and with 6 every key
+    # sometimes hashed to one subtask (its pane, an hour of event time, follows the clock)
+    events = generated("clc-", 400, seed=24, n_categories=40)
     produce(one, events)
     views = Counter((e.user_id, "user") for e in events if e.behavior == "view")
     views.update((e.item_id, "item") for e in events if e.behavior == "view")
