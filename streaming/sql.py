@@ -359,7 +359,8 @@ class Query:
             raise ValueError("distinct counts and last-N lists have no online plan: split(defs, stream=True)")
         comps, parts = [], []
         for i, p in enumerate(self.parts):
-            parts.append(f"{p.kind}:{len(comps)}:{_Shape.of(p.d.window).slide_ms}:{_Shape.of(p.d.window).panes}")
+            shape = _Shape.of(p.d.window)
+            parts.append(f"{p.kind}:{len(comps)}:{shape.slide_ms}:{shape.panes}")
             comps += [f"{_AGG_CODES[agg]}{i}" for _, agg, _ in p.components()]
         plan = f"{self.fine_ms}|{','.join(comps)}|{','.join(parts)}"
         inputs = ", ".join(f"CAST({p.x} AS DOUBLE)" for p in self.parts)

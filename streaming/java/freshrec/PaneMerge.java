@@ -36,7 +36,6 @@ public class PaneMerge extends AggregateFunction<Double[], PaneMerge.Acc> {
     public static class Acc {
         public Map<Long, Double[]> panes = new HashMap<>();
         public long newest = Long.MIN_VALUE;
-        public String plan;
     }
 
     /** A plan, parsed once per plan text. */
@@ -85,9 +84,9 @@ public class PaneMerge extends AggregateFunction<Double[], PaneMerge.Acc> {
 
     private static final Map<String, Plan> PLANS = new ConcurrentHashMap<>();
 
-    private static Plan plan(String text) {
-        return PLANS.computeIfAbsent(text, Plan::new);
-    }
+    /** The call's plan, kept by the function, not in each entity's state: an operator's one
+     * call site passes one literal, and its values follow its records. */
+    private transient Plan plan;
 
     @Override
     public Acc createAccumulator() {
@@ -98,15 +97,21 @@ public class PaneMerge extends AggregateFunction<Double[], PaneMerge.Acc> {
         if (ts == null) {
             return;
         }
-        Plan p = plan(planText);
-        acc.plan = planText;
+        if (plan == null) {
+            plan = PLANS.computeIfAbsent(planText, Plan::new);
+        }
+        Plan p = plan;
         if (ts > acc.newest) {
+            boolean newPane = acc.newest == Long.MIN_VALUE
+                    || Math.floorDiv(ts, p.fine) > Math.floorDiv(acc.newest, p.fine);
             acc.newest = ts;
-            long first = p.first(ts);
-            Iterator<Long> it = acc.panes.keySet().iterator();
-            while (it.hasNext()) {
-                if (it.next() < first) {
-                    it.remove();
+            if (newPane) { // the reach moved: drop the panes now out of it
+                long first = p.first(ts);
+                Iterator<Long> it = acc.panes.keySet().iterator();
+                while (it.hasNext()) {
+                    if (it.next() < first) {
+                        it.remove();
+                    }
                 }
             }
         }
@@ -139,10 +144,10 @@ public class PaneMerge extends AggregateFunction<Double[], PaneMerge.Acc> {
 
     @Override
     public Double[] getValue(Acc acc) {
-        if (acc.plan == null) {
+        if (plan == null || acc.panes.isEmpty()) {
             return null;
         }
-        Plan p = plan(acc.plan);
+        Plan p = plan;
         Double[] out = new Double[p.kinds.length];
         for (int i = 0; i < out.length; i++) {
             long start = Math.floorDiv((Math.floorDiv(acc.newest, p.slides[i]) - p.panes[i] + 1) * p.slides[i], p.fine);
