@@ -274,7 +274,7 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
 
 EVENT_ROW = Types.ROW_NAMED([c for c, _ in EVENT_COLUMNS], [Types.LONG() if t == "BIGINT" else Types.STRING()
                                                              for _, t in EVENT_COLUMNS])
-MINI_BATCH_MS = 100  # the GROUP BYs hand on an entity's panes at most this often: latency against Python rows
+MINI_BATCH_MS = 100  # the GROUP BYs hand on an entity's values at most this often: latency against sink rows
 
 
 def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str], lateness_ms: int,
