@@ -15,6 +15,7 @@ from typing import Any
 import hiredis
 import redis
 from feast import FeatureView
+from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import DoubleList, Int64List, StringList
@@ -90,6 +91,36 @@ class ViewLayout:
         ek = EntityKey(join_keys=list(self.join_keys),
                        entity_values=[ValueProto(string_val=p) for p in key_parts(entity, len(self.join_keys))])
         return _redis_key(project, ek, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
+
+
+_SINK_TYPES = {Int64: "i", Float64: "d"}
+
+
+def sink_layout(project: str, views: list[FeatureView]) -> str:
+    """The layout text of streaming/java's ``FeastRedisSink`` for rows ``(entity, ts, a column
+    per view)``: views of one feature each, of one entity kind. The key's bytes come from
+    Feast's own serialization of an entity of empty values, so the sink writes what
+    :class:`FeastRedisWriter` writes."""
+    layouts = [ViewLayout.of(v) for v in views]
+    join_keys = layouts[0].join_keys
+    columns = []
+    for view, layout in zip(views, layouts, strict=True):
+        if layout.join_keys != join_keys or len(view.features) != 1:
+            raise ValueError(f"the Redis sink writes views of one feature and one entity kind ({join_keys}); "
+                             f"{view.name} has {len(view.features)} features, keyed by {layout.join_keys}")
+        dtype = view.features[0].dtype
+        if dtype not in _SINK_TYPES:
+            raise TypeError(f"{view.name}'s type {dtype} has no encoder in FeastRedisSink (streaming/java): "
+                            "write it with FeastRedisWriter")
+        columns.append(f"{layout.fields[0][1].hex()}:{layout.ts_field.hex()}:{_SINK_TYPES[dtype]}")
+    empty = serialize_entity_key(EntityKey(join_keys=list(join_keys), entity_values=[ValueProto(string_val="")]
+                                           * len(join_keys)), KEY_SERIALIZATION_VERSION)
+    header = empty[:-8 * len(join_keys)]  # each empty value: its type and a length of 0, 4 bytes each
+    value_type = int.from_bytes(empty[len(header):len(header) + 4], "little")
+    order = sorted(range(len(join_keys)), key=lambda i: join_keys[i])
+    ttl = max(layout.ttl_seconds for layout in layouts)  # one hash holds the entity's views: the longest keeps it
+    return "|".join([header.hex(), ",".join(map(str, order)), str(value_type), project.encode().hex(), str(ttl),
+                     ",".join(columns)])
 
 
 class FeastRedisWriter:

@@ -2,14 +2,18 @@
 
     Kafka behavior-events (the watermark holds back the allowed lateness)
       -> parse (too-late events -> DLQ; refused events are the feature job's to report)
-      -> key by user: drop duplicates
+      -> drop duplicates (Flink SQL: the first row per user and event id)
       -> the feature catalogue (FRESHREC_FEATURES), split by streaming/sql.split:
          counts, sums, means, min, max and their ratios in Flink SQL (attach_compiled:
-           a GROUP BY entity -> online rows; the stream plan -> final rows to the
-           feature log from Java; records behind the watermark -> DLQ)
+           a GROUP BY entity -> online rows -> Redis in Feast's layout, from Java
+           (streaming/java's FeastRedisSink); the stream plan -> final rows to the feature
+           log from Java; records behind the watermark -> DLQ)
          the rest on Python operators (attach: per entity kind and co-visitation definition,
            keyed state over event-time windows -> online rows and final rows)
-      -> online rows: key by shard, then Redis in Feast's layout (as the feature job does)
+      -> their online rows: key by shard, then Redis in Feast's layout (as the feature job does)
+
+Parsing is the one Python step every event takes; the rest of a compiled definition's path
+is Flink's own operators.
 
 A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream and one
 embedded interpreter (its Python sat at ~105% of a core at 300 events/s), so a busy catalogue
@@ -29,14 +33,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyflink.common import Types
-
 from connectors.log_epoch import Epoch
 from features.dsl import load
 from freshrec.config import Settings
 from jobs.feature_job import kafka_sink, log, read_events, run, write_rows
 from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id, feature_log_topic
-from streaming.definitions import EVENT_ROW, Deduplicate, attach, attach_compiled
+from streaming.definitions import EVENT_ROW, attach, attach_compiled, deduplicate
 from streaming.sql import split
 
 
@@ -45,10 +47,8 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
     the Python operators -> Redis and the feature log."""
     lateness = s.allowed_lateness_ms
     events = read_events(env, s, epoch, catalogue_job_id(s), source="catalogue_job", report_invalid=False,
-                         hold_back_ms=lateness)
-    unique = (events.key_by(lambda e: e[1], key_type=Types.STRING())
-              .process(Deduplicate(lateness + s.out_of_orderness_ms), output_type=EVENT_ROW)
-              .name("deduplicate").uid("deduplicate"))
+                         hold_back_ms=lateness, row_type=EVENT_ROW)
+    unique = deduplicate(env, events, lateness + s.out_of_orderness_ms)
     defs = load(s.features)
     compiled, rest = split(defs, stream=True) if s.catalogue_engine == "sql" else ([], defs)
     rows, finals, late = attach(unique, s.features, lateness, online=True, names={d.name for d in rest},
@@ -57,7 +57,7 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
         stream.sink_to(kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
     sql_rows = attach_compiled(env, unique, s.features, {d.name for d in compiled}, lateness, s.kafka_bootstrap,
                                feature_log_topic(s), s.dlq_topic) if compiled else []
-    write_rows(s, rows, tuple(finals), tuple(sql_rows))
+    write_rows(s, rows, tuple(finals), tuple(sql_rows), CATALOGUE_JOB_NAME)
 
 
 AUTOGROUP = Path("/proc/self/autogroup")

@@ -42,7 +42,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from pyflink.common import Duration, Types, WatermarkStrategy
+from pyflink.common import Duration, Row, Types, WatermarkStrategy
 from pyflink.common.serialization import SimpleStringSchema
 from pyflink.datastream import (
     KeyedProcessFunction,
@@ -118,10 +118,13 @@ TRENDING_VIEW = "trending"
 class ParseEvents(ProcessFunction):
     """Validate raw JSON; refused and too-late events leave through the DLQ side output, named
     as from ``source``. Without ``report_invalid``, refused events are left out: another job
-    reading the same log (the feature job) reports each of them."""
+    reading the same log (the feature job) reports each of them. ``rows``: events as
+    :class:`Row` (for a table, ``EVENT_ROW``), not tuples (:data:`EVENT`)."""
 
-    def __init__(self, allowed_lateness_ms: int, source: str = "feature_job", report_invalid: bool = True) -> None:
+    def __init__(self, allowed_lateness_ms: int, source: str = "feature_job", report_invalid: bool = True,
+                 rows: bool = False) -> None:
         self.allowed_lateness_ms, self.source, self.report_invalid = allowed_lateness_ms, source, report_invalid
+        self.event = Row if rows else lambda *fields: fields
         self.watermark, self.asked_at = -(2**63), 0.0
 
     def process_element(self, value: str, ctx: ProcessFunction.Context):  # noqa: ANN201
@@ -145,7 +148,7 @@ class ParseEvents(ProcessFunction):
                                       f"{self.allowed_lateness_ms} ms (FRESHREC_ALLOWED_LATENESS_MS)")
             yield DLQ, dead_letter(value, late, self.source).decode()
             return
-        yield e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or ""
+        yield self.event(e.event_id, e.user_id, e.item_id, e.behavior, e.ts, e.category_id or "")
 
 
 class Ticks:
@@ -528,11 +531,12 @@ def kafka_sink(s: Settings, topic: str) -> KafkaSink:
 
 
 def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "feature_job",
-                report_invalid: bool = True, hold_back_ms: int = 0) -> Any:
-    """The source and its parsing: Kafka behavior events -> EVENT tuples in event time; refused
-    and too-late events to the DLQ topic. ``group``: the job's consumer group. ``hold_back_ms``:
-    the watermark trails the out-of-orderness bound by this much more, and lateness counts from
-    it (the catalogue job holds back the allowed lateness: its operators settle at the watermark)."""
+                report_invalid: bool = True, hold_back_ms: int = 0, row_type: Any = None) -> Any:
+    """The source and its parsing: Kafka behavior events -> EVENT tuples in event time (rows of
+    ``row_type``, when given); refused and too-late events to the DLQ topic. ``group``: the
+    job's consumer group. ``hold_back_ms``: the watermark trails the out-of-orderness bound by
+    this much more, and lateness counts from it (the catalogue job holds back the allowed
+    lateness: its operators settle at the watermark)."""
     kafka = (KafkaSource.builder()
              .set_bootstrap_servers(s.kafka_bootstrap)
              .set_topics(s.events_topic)
@@ -548,26 +552,49 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
                                                                                    + hold_back_ms))
                   .with_idleness(Duration.of_millis(s.idle_timeout_ms)))
     raw = env.from_source(kafka, watermarks, s.events_topic).uid(f"source-{epoch.id}")
-    events = (raw.process(ParseEvents(s.allowed_lateness_ms - hold_back_ms, source, report_invalid), output_type=EVENT)
-              .name("parse").uid("parse"))
+    parse = ParseEvents(s.allowed_lateness_ms - hold_back_ms, source, report_invalid, rows=row_type is not None)
+    events = raw.process(parse, output_type=row_type or EVENT).name("parse").uid("parse")
     events.get_side_output(DLQ).sink_to(kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
     return events
 
 
-def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = (), sql_rows: tuple[Any, ...] = ()) -> None:
+def redis_sink(s: Settings, views: list[str], job: str) -> Any:
+    """streaming/java's ``FeastRedisSink`` for rows (entity, ts, a column per view of ``views``):
+    Feast's layout as :class:`FeastSink` writes it, without a Python call per row."""
+    from pyflink.datastream.connectors.base import Sink
+    from pyflink.java_gateway import get_gateway
+
+    from connectors.feast_redis import sink_layout
+    from features.registry import all_views
+
+    if not s.redis_url.startswith("redis://"):
+        raise ValueError(f"FRESHREC_REDIS_URL={s.redis_url}: the catalogue job's Redis sink speaks plain TCP; "
+                         "give a redis://[:password@]host:port/db URL")
+    by_name = {v.name: v for v in all_views(s)}
+    layout = sink_layout(s.feast_project, [by_name[v] for v in views])
+    return Sink(get_gateway().jvm.freshrec.FeastRedisSink(s.redis_url, layout, s.sink_flush_ms, s.sink_batch_rows,
+                                                          FeastSink.REDIS_PATIENCE_S * 1000, job))
+
+
+def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = (),
+               sql_rows: tuple[tuple[Any, list[str]], ...] = (), job: str = JOB_NAME) -> None:
     """Feature rows -> Redis in Feast's layout; rows and ``finals`` -> the feature log.
-    ``sql_rows``: rows straight from Flink SQL, in a Redis sink of their own: their row type is
-    the table's, and a conversion to the others' would cost a Python call per row."""
+    ``sql_rows``: per entity kind, rows straight from Flink SQL and their views' names
+    (streaming/definitions.attach_compiled): each to a Java Redis sink (:func:`redis_sink`),
+    chained to the query's last operator."""
     parallelism = s.parallelism
-    written = []
-    for streams, uid in ((rows, "feast"), (sql_rows, "feast_sql")):
-        if streams:
-            first, *rest = streams
-            written.append(first.union(*rest)
-                           .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
-                           .process(FeastSink(s), output_type=Types.STRING()).name(uid).uid(uid))
-    first, *rest = written
-    first.union(*rest, *finals).sink_to(kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+    logged = list(finals)
+    if rows:
+        first, *rest = rows
+        logged.append(first.union(*rest)
+                      .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
+                      .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
+    for stream, views in sql_rows:
+        uid = f"feast_sql_{zlib.crc32(','.join(views).encode()):08x}"  # a kind's definitions; one sink each
+        stream.sink_to(redis_sink(s, views, job)).name("feast_sql").uid(uid)
+    if logged:
+        first, *rest = logged
+        first.union(*rest).sink_to(kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
 
 
 def build(env: Any, s: Settings, epoch: Epoch) -> None:

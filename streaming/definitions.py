@@ -26,7 +26,7 @@ from collections.abc import Collection
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pyflink.common import Row, Types
+from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
@@ -35,7 +35,7 @@ from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, Entit
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.cached_state import CachedValueState
 from streaming.sql import EVENT_COLUMNS
-from streaming.state import Ev, RecentViews, Seen, Spec
+from streaming.state import Ev, RecentViews, Spec
 
 if TYPE_CHECKING:
     from streaming.batch import DayFiles  # pyarrow: only the backfill's workers load it
@@ -202,24 +202,6 @@ class CoVisitPairs(KeyedProcessFunction):
             yield at, rid, "view", r.user_id, r.item_id, "", KEY_SEPARATOR.join(others)
 
 
-class Deduplicate(KeyedProcessFunction):
-    """Per user: each event id once (the streaming job's user operator does the same)."""
-
-    def __init__(self, dedup_ms: int) -> None:
-        self.dedup_ms = dedup_ms
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        self.state = CachedValueState(runtime_context.get_state(ValueStateDescriptor("seen",
-                                                                                 Types.PICKLED_BYTE_ARRAY())))
-
-    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        user = value[1]
-        seen: Seen = self.state.value(user) or Seen()
-        if seen.first(value[0], value[4], self.dedup_ms):
-            self.state.update(user, seen)
-            yield Row(*value)  # named fields: the compiled definitions read them as a table
-
-
 def _to_rec(e: tuple) -> tuple:
     event_id, user_id, item_id, behavior, ts, category_id = e[:6]
     return ts, event_id, behavior, user_id, item_id, category_id or "", ""
@@ -247,9 +229,11 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
     if not online and files is None:
         raise ValueError("attach(online=False) needs files: the batch operators write their final rows there")
     defs = [d for d in load(catalogue) if names is None or d.name in names]
+    rows, finals, late = [], [], []
+    if not defs:  # no operator: a Python map with no reader would still run per record
+        return rows, finals, late
     by_kind, covisits = plans(defs)
     recs = events.map(_to_rec, output_type=REC).name("catalogue_records").uid("catalogue_records")
-    rows, finals, late = [], [], []
 
     def run(stream: Any, kind: EntityKind, group: list[Definition], uid: str) -> None:
         out = (stream.key_by(_keyer(kind), key_type=Types.STRING())
@@ -274,11 +258,40 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
 
 EVENT_ROW = Types.ROW_NAMED([c for c, _ in EVENT_COLUMNS], [Types.LONG() if t == "BIGINT" else Types.STRING()
                                                              for _, t in EVENT_COLUMNS])
+
+
+def _events_table(t_env: Any, events: Any) -> Any:
+    """``events`` (:data:`EVENT_ROW`) as a table with the event time ``rt``, whose watermark is
+    the stream's: it follows each Kafka partition, where one computed here would run ahead of a
+    partition read late (and it holds back the lateness: ``read_events(hold_back_ms=)``)."""
+    from pyflink.table import Schema
+
+    schema = (Schema.new_builder().column_by_expression("rt", "TO_TIMESTAMP_LTZ(ts, 3)")
+              .watermark("rt", "SOURCE_WATERMARK()").build())
+    return t_env.from_data_stream(events, schema)
+
+
+def deduplicate(env: Any, events: Any, dedup_ms: int) -> Any:
+    """Each (user, event id) once, the first to come, in Flink's own operator: a ``ROW_NUMBER()``
+    keep-first on processing time (Flink's Deduplicate: it emits each first row at once and
+    only appends, and ``rt`` stays the event time downstream). An id is kept for twice
+    ``dedup_ms`` of processing time after its event (state TTL, as :func:`state_ttl_ms`); a
+    copy that comes later is behind the watermark by more than the lateness, so parsing has
+    sent it to the DLQ. Takes and returns :data:`EVENT_ROW` streams."""
+    from pyflink.table import StreamTableEnvironment
+
+    t_env = StreamTableEnvironment.create(env)  # of its own: the state TTL is the table environment's
+    t_env.get_config().set("table.exec.state.ttl", f"{2 * dedup_ms} ms")
+    t_env.create_temporary_view("parsed", _events_table(t_env, events))
+    columns = ", ".join(c for c, _ in EVENT_COLUMNS)
+    unique = t_env.sql_query(f"SELECT {columns} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id, event_id "
+                             "ORDER BY pt) AS n FROM (SELECT *, PROCTIME() AS pt FROM parsed)) WHERE n = 1")
+    return t_env.to_data_stream(unique)
 MINI_BATCH_MS = 100  # the GROUP BYs hand on an entity's values at most this often: latency against sink rows
 
 
 def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str], lateness_ms: int,
-                    kafka: str, feature_log: str, dlq: str) -> list[Any]:
+                    kafka: str, feature_log: str, dlq: str) -> list[tuple[Any, list[str]]]:
     """Wire the definitions ``names`` (all of :func:`streaming.sql.split`'s first part for a
     stream) onto de-duplicated events (:data:`EVENT_ROW`), in Flink's own operators:
 
@@ -288,8 +301,9 @@ def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str
           the stream plan (Query.select(stream=True)) -> final rows -> the feature log, in Kafka
         records behind the watermark -> the DLQ (counted online, left out of the final rows)
 
-    The online rows' view is ``@catalogue_<kind>_sql``; the final rows carry it too. The online
-    rows are the table's rows, not :data:`ROW` tuples: ``write_rows(sql_rows=)`` takes them."""
+    Returns, per kind, the online rows (entity, ts, a column per definition) and the
+    definitions in column order: ``write_rows(sql_rows=)`` takes them. The final rows' view is
+    ``@catalogue_<kind>_sql``."""
     from pyflink.table import ChangelogMode, Schema, StreamTableEnvironment
 
     from streaming.sql import column_list, epoch_ms, kafka_table, name, queries, use_functions, use_utc
@@ -308,11 +322,7 @@ def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str
         config.set("table.exec.mini-batch.enabled", str(mini_batch).lower())  # said both ways: configs leak
         config.set("table.exec.mini-batch.allow-latency", f"{MINI_BATCH_MS} ms")
         config.set("table.exec.mini-batch.size", "5000")
-        # The source's watermark, which holds back the lateness (read_events(hold_back_ms=)): it
-        # follows each Kafka partition, where one computed here would run ahead of a partition read late.
-        schema = (Schema.new_builder().column_by_expression("rt", "TO_TIMESTAMP_LTZ(ts, 3)")
-                  .watermark("rt", "SOURCE_WATERMARK()").build())
-        t_env.create_temporary_view("events", t_env.from_data_stream(events, schema))
+        t_env.create_temporary_view("events", _events_table(t_env, events))
         return t_env
 
     online, t_env = tables(mini_batch=True), tables(mini_batch=False)
@@ -323,11 +333,10 @@ def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str
     for q in queries(defs):
         uid = f"catalogue_{q.kind.name}_sql"
         view = DEFINED + uid
-        # Rows (view, entity, ts, payload) for jobs.feature_job.write_rows(sql_rows=): inserts and
-        # updates only, as a GROUP BY over appended events retracts nothing and state TTL expires
-        # without a row.
-        rows.append(online.to_changelog_stream(online.sql_query(q.online("events", view)), by_entity,
-                                               ChangelogMode.upsert()))
+        # Inserts and updates only: a GROUP BY over appended events retracts nothing, and state
+        # TTL expires without a row.
+        rows.append((online.to_changelog_stream(online.sql_query(q.online("events")), by_entity,
+                                                ChangelogMode.upsert()), q.names))
         values = [(c, t) for c, t in q.columns if c not in {*q.kind.join_keys, "ts"}]
         t_env.create_temporary_view(f"finals_{uid}", t_env.sql_query(q.select("events", stream=True)))
         t_env.execute_sql(kafka_table(f"log_{uid}", [("view", "STRING"), ("entity", "STRING"), ("ts", "BIGINT"),

@@ -347,14 +347,14 @@ class Query:
         """The pane of :meth:`online`: the greatest that tiles every window's slide."""
         return math.gcd(*(shape.slide_ms for shape in self.shapes))
 
-    def online(self, source: str, view: str) -> str:
+    def online(self, source: str) -> str:
         """The online values, as streaming/aggregates.py computes them as of each entity's
         newest record: a GROUP BY entity whose aggregate, ``pane_merge`` (streaming/java,
         registered by :func:`use_functions`), keeps the entity's totals per pane of
         :attr:`fine_ms` and merges the newest windows' panes. A group aggregation emits on every
         record, in any order (with mini-batch, once per entity and flush), so the values follow
-        each event, late ones inside the lateness too. Rows: (view, entity, newest ts, the
-        values as a JSON object), the Redis sink's rows."""
+        each event, late ones inside the lateness too. Rows: (entity, newest ts, a column per
+        name of :attr:`names`), what streaming/java's ``FeastRedisSink`` writes."""
         if self.distincts or self.lasts:
             raise ValueError("distinct counts and last-N lists have no online plan: split(defs, stream=True)")
         comps, parts = [], []
@@ -370,10 +370,9 @@ class Query:
             den = f"(COALESCE({values[r.denominator.name]}, 0) + {literal(r.prior_weight)})"
             num = f"(COALESCE({values[r.numerator.name]}, 0) + {literal(r.prior * r.prior_weight)})"
             values[r.name] = f"CASE WHEN {den} <> 0.0E0 THEN {num} / {den} END"
-        payload = ", ".join(f"KEY {_string(n)} VALUE {v}" for n, v in values.items())
+        columns = ", ".join(f"{values[n]} AS {name(n)}" for n in self.names)
         return (f"WITH {self._records(source, False)}\n"
-                f"SELECT CAST({_string(view)} AS STRING) AS view, entity, newest AS ts, "
-                f"JSON_OBJECT({payload} NULL ON NULL) AS payload "
+                f"SELECT entity, newest AS ts, {columns} "
                 f"FROM (SELECT entity, MAX(ts) AS newest, pane_merge({_string(plan)}, ts, ARRAY[{inputs}]) AS v FROM "
                 f"(SELECT {self.entity()} AS entity, COALESCE(ts, 0) AS ts, "
                 f"{', '.join(p.x for p in self.parts)} FROM r) GROUP BY entity)")

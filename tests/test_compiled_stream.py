@@ -8,7 +8,6 @@ No services: a table environment over a file the test writes, bounded, so the st
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from datetime import timedelta as td
@@ -72,8 +71,8 @@ def _online(path: Path, queries: list[sql.Query]) -> dict[str, list[tuple[str, i
     t_env.execute_sql(sql.table("events", sql.EVENT_COLUMNS, str(path)))
     rows = {}
     for q in queries:
-        with t_env.execute_sql(q.online("events", "v")).collect() as results:
-            rows[q.kind.name] = [(r[1], r[2], json.loads(r[3])) for r in results
+        with t_env.execute_sql(q.online("events")).collect() as results:
+            rows[q.kind.name] = [(r[0], r[1], dict(zip(q.names, list(r)[2:], strict=True))) for r in results
                                  if r.get_row_kind() in (RowKind.INSERT, RowKind.UPDATE_AFTER)]
     return rows
 

@@ -19,7 +19,7 @@ import pytest
 
 from connectors.kafka import EventProducer, consumer
 from connectors.simulator import simulate
-from features.dsl import item, load, user
+from features.dsl import load
 from features.parity import compare, from_feature_log, from_offline
 from features.store import apply, feature_store
 from freshrec.config import Settings
@@ -209,25 +209,27 @@ def test_counts_sums_means_min_and_max_stream_in_flink_sql(parity: dict[str, Any
 
     unique = list({e["event_id"]: e for e in reversed(parity["events"])}.values())  # the first of each id
     store = feature_store(s)
-    for kind, key in ((user, "user_id"), (item, "item_id")):
-        defs = [d for d in compiled if d.entity_kind == kind]
-        plan = Plan.of(defs)
-        want: dict[str, dict[str, Any]] = {}
-        for entity in sorted({e[key] for e in unique}):
+    kinds = {d.entity_kind for d in compiled}
+    assert {k.name for k in kinds} == {"user", "item", "category", "user_category"}
+    for kind in kinds:  # every kind's Redis sink: one key, two keys in Feast's sorted order, Int64 and Float64
+        plan = Plan.of([d for d in compiled if d.entity_kind == kind])
+        want: dict[tuple[str, ...], dict[str, Any]] = {}
+        for entity in sorted({tuple(e[k] for k in kind.join_keys) for e in unique
+                              if all(e[k] for k in kind.join_keys)}):
             st = EntityState()
             for e in unique:
-                if e[key] == entity:
+                if tuple(e[k] for k in kind.join_keys) == entity:
                     st.add(Rec(e["ts"], e["event_id"], e["behavior"], e["user_id"], e["item_id"],
                                e["category_id"] or ""), plan)
             want[entity] = st.online(plan)
-        wait_until(partial(_online_equals, store, key, want), 60,
+        wait_until(partial(_online_equals, store, kind.join_keys, want), 60,
                    f"every {kind.name}'s compiled values online, as the Python engine computes them")
 
 
-def _online_equals(store: Any, key: str, want: dict[str, dict[str, Any]]) -> bool:
+def _online_equals(store: Any, keys: tuple[str, ...], want: dict[tuple[str, ...], dict[str, Any]]) -> bool:
     names = list(next(iter(want.values())))
     got = store.get_online_features(features=[f"{n}:{n}" for n in names],
-                                    entity_rows=[{key: entity} for entity in want]).to_dict()
+                                    entity_rows=[dict(zip(keys, entity, strict=True)) for entity in want]).to_dict()
     return all(got[n][i] is None if v[n] is None else got[n][i] == pytest.approx(v[n], rel=1e-9)
                for i, v in enumerate(want.values()) for n in names)
 
