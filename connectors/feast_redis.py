@@ -93,34 +93,32 @@ class ViewLayout:
         return _redis_key(project, ek, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
 
 
-_SINK_TYPES = {Int64: "i", Float64: "d"}
+_SINK_TYPES = {Int64: "i", Float64: "d", Array(String): "S"}
 
 
 def sink_layout(project: str, views: list[FeatureView]) -> str:
-    """The layout text of streaming/java's ``FeastRedisSink`` for rows ``(entity, ts, a column
-    per view)``: views of one feature each, of one entity kind. The key's bytes come from
-    Feast's own serialization of an entity of empty values, so the sink writes what
-    :class:`FeastRedisWriter` writes."""
-    layouts = [ViewLayout.of(v) for v in views]
-    join_keys = layouts[0].join_keys
-    columns = []
-    for view, layout in zip(views, layouts, strict=True):
-        if layout.join_keys != join_keys or len(view.features) != 1:
-            raise ValueError(f"the Redis sink writes views of one feature and one entity kind ({join_keys}); "
-                             f"{view.name} has {len(view.features)} features, keyed by {layout.join_keys}")
+    """The layout text of streaming/java's Redis sinks (``FeastLayout``): views of one feature
+    each. The key's bytes come from Feast's own serialization of an entity of empty values, so
+    the sinks write what :class:`FeastRedisWriter` writes."""
+    lines = [project.encode().hex()]
+    for view in views:
+        layout = ViewLayout.of(view)
+        if len(view.features) != 1:
+            raise ValueError(f"the Java Redis sinks write views of one feature; {view.name} has {len(view.features)}")
         dtype = view.features[0].dtype
         if dtype not in _SINK_TYPES:
-            raise TypeError(f"{view.name}'s type {dtype} has no encoder in FeastRedisSink (streaming/java): "
+            raise TypeError(f"{view.name}'s type {dtype} has no encoder in streaming/java's FeastLayout: "
                             "write it with FeastRedisWriter")
-        columns.append(f"{layout.fields[0][1].hex()}:{layout.ts_field.hex()}:{_SINK_TYPES[dtype]}")
-    empty = serialize_entity_key(EntityKey(join_keys=list(join_keys), entity_values=[ValueProto(string_val="")]
-                                           * len(join_keys)), KEY_SERIALIZATION_VERSION)
-    header = empty[:-8 * len(join_keys)]  # each empty value: its type and a length of 0, 4 bytes each
-    value_type = int.from_bytes(empty[len(header):len(header) + 4], "little")
-    order = sorted(range(len(join_keys)), key=lambda i: join_keys[i])
-    ttl = max(layout.ttl_seconds for layout in layouts)  # one hash holds the entity's views: the longest keeps it
-    return "|".join([header.hex(), ",".join(map(str, order)), str(value_type), project.encode().hex(), str(ttl),
-                     ",".join(columns)])
+        keys = layout.join_keys
+        empty = serialize_entity_key(EntityKey(join_keys=list(keys), entity_values=[ValueProto(string_val="")]
+                                               * len(keys)), KEY_SERIALIZATION_VERSION)
+        header = empty[:-8 * len(keys)]  # each empty value: its type and a length of 0, 4 bytes each
+        value_type = int.from_bytes(empty[len(header):len(header) + 4], "little")
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        lines.append("|".join([view.name.encode().hex(), header.hex(), ",".join(map(str, order)), str(value_type),
+                               str(layout.ttl_seconds),
+                               f"{layout.fields[0][1].hex()}:{layout.ts_field.hex()}:{_SINK_TYPES[dtype]}"]))
+    return "\n".join(lines)
 
 
 class FeastRedisWriter:

@@ -558,9 +558,11 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
     return events
 
 
-def redis_sink(s: Settings, views: list[str], job: str) -> Any:
-    """streaming/java's ``FeastRedisSink`` for rows (entity, ts, a column per view of ``views``):
-    Feast's layout as :class:`FeastSink` writes it, without a Python call per row."""
+def redis_sink(s: Settings, views: list[str], job: str, payload: bool = False) -> Any:
+    """A Redis sink in streaming/java, writing Feast's layout as :class:`FeastSink` does, with
+    no Python call per row: ``FeastRedisSink`` for Flink SQL's rows (entity, ts, a column per
+    view of ``views``), or with ``payload``, ``FeastJsonSink`` for the catalogue's Python
+    operators' rows (:data:`ROW`, a value per definition in the JSON)."""
     from pyflink.datastream.connectors.base import Sink
     from pyflink.java_gateway import get_gateway
 
@@ -568,12 +570,13 @@ def redis_sink(s: Settings, views: list[str], job: str) -> Any:
     from features.registry import all_views
 
     if not s.redis_url.startswith("redis://"):
-        raise ValueError(f"FRESHREC_REDIS_URL={s.redis_url}: the catalogue job's Redis sink speaks plain TCP; "
+        raise ValueError(f"FRESHREC_REDIS_URL={s.redis_url}: the catalogue job's Redis sinks speak plain TCP; "
                          "give a redis://[:password@]host:port/db URL")
     by_name = {v.name: v for v in all_views(s)}
     layout = sink_layout(s.feast_project, [by_name[v] for v in views])
-    return Sink(get_gateway().jvm.freshrec.FeastRedisSink(s.redis_url, layout, s.sink_flush_ms, s.sink_batch_rows,
-                                                          FeastSink.REDIS_PATIENCE_S * 1000, job))
+    java = get_gateway().jvm.freshrec
+    sink = java.FeastJsonSink if payload else java.FeastRedisSink
+    return Sink(sink(s.redis_url, layout, s.sink_flush_ms, s.sink_batch_rows, FeastSink.REDIS_PATIENCE_S * 1000, job))
 
 
 def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = (),

@@ -1,0 +1,230 @@
+package freshrec;
+
+import java.io.ByteArrayOutputStream;
+import java.io.Serializable;
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.HashMap;
+import java.util.HexFormat;
+import java.util.List;
+import java.util.Map;
+
+/**
+ * Feast's Redis layout for a set of feature views of one feature each: what
+ * connectors/feast_redis.py's {@code FeastRedisWriter} writes and Feast's
+ * {@code get_online_features} reads.
+ *
+ * <p>An entity's row becomes an {@code HSET} of its hash: per view its feature's field (murmur3
+ * of {@code view:feature}) holding a serialized {@code ValueProto}, and {@code _ts:view} holding
+ * the row's time as a protobuf {@code Timestamp}; then an {@code EXPIRE} with the longest TTL
+ * of the row's views (the hash holds all the entity's views).
+ *
+ * <p>The text, which connectors/feast_redis.py's {@code sink_layout} derives from the views:
+ * the project in hex, then a line per view, {@code name|header|order|value type|ttl s|field:ts
+ * field:type}, bytes and the name in hex.
+ * <ul>
+ *   <li>header: the serialized entity key up to its values (the key count and the join keys);
+ *   <li>order: the entity's parts (joined by U+001F, in join-key order) in Feast's sorted order;
+ *   <li>value type: the code Feast writes before each string value;
+ *   <li>type: {@code i} Int64, {@code d} Float64, {@code S} Array(String). A null value writes
+ *       an empty ValueProto: Feast reads None.
+ * </ul>
+ */
+final class FeastLayout implements Serializable {
+
+    private static final long serialVersionUID = 1L;
+    private static final String KEY_SEPARATOR = "\u001f";
+    private static final byte[] HSET = "HSET".getBytes(StandardCharsets.US_ASCII);
+    private static final byte[] EXPIRE = "EXPIRE".getBytes(StandardCharsets.US_ASCII);
+
+    /** One view: its entity key's shape and its one feature's fields. */
+    static final class View implements Serializable {
+        private static final long serialVersionUID = 1L;
+        final String name;
+        final byte[] header;
+        final int[] order;
+        final int valueType;
+        final long ttl;
+        final byte[] field;
+        final byte[] tsField;
+        final char type;
+
+        View(String line) {
+            String[] p = line.split("\\|", -1);
+            if (p.length != 6) {
+                throw new IllegalArgumentException("a Feast layout line has 6 parts, not " + p.length + ": " + line);
+            }
+            HexFormat hex = HexFormat.of();
+            name = new String(hex.parseHex(p[0]), StandardCharsets.UTF_8);
+            header = hex.parseHex(p[1]);
+            String[] positions = p[2].split(",");
+            order = new int[positions.length];
+            for (int i = 0; i < positions.length; i++) {
+                order[i] = Integer.parseInt(positions[i]);
+            }
+            valueType = Integer.parseInt(p[3]);
+            ttl = Long.parseLong(p[4]);
+            String[] c = p[5].split(":");
+            field = hex.parseHex(c[0]);
+            tsField = hex.parseHex(c[1]);
+            type = c[2].charAt(0);
+            if ("idS".indexOf(type) < 0) {
+                throw new IllegalArgumentException(name + "'s type " + c[2] + " is none of i (Int64), d (Float64), "
+                                                   + "S (Array(String))");
+            }
+        }
+
+        /** Feast's Redis key of an entity: the serialized entity key, then the project. */
+        byte[] key(String entity, byte[] project) {
+            String[] parts = order.length > 1 ? entity.split(KEY_SEPARATOR, -1) : new String[] {entity};
+            if (parts.length != order.length) {
+                throw new IllegalArgumentException(name + ": entity " + entity.replace(KEY_SEPARATOR, "|") + " has "
+                                                   + parts.length + " parts, its key " + order.length);
+            }
+            Bytes out = new Bytes();
+            out.writeBytes(header);
+            for (int i : order) {
+                byte[] value = parts[i].getBytes(StandardCharsets.UTF_8);
+                out.int32(valueType);
+                out.int32(value.length);
+                out.writeBytes(value);
+            }
+            out.writeBytes(project);
+            return out.toByteArray();
+        }
+    }
+
+    final byte[] project;
+    final List<View> views = new ArrayList<>();
+    final Map<String, View> byName = new HashMap<>();
+
+    FeastLayout(String text) {
+        String[] lines = text.split("\n");
+        project = HexFormat.of().parseHex(lines[0]);
+        for (int i = 1; i < lines.length; i++) {
+            View v = new View(lines[i]);
+            views.add(v);
+            byName.put(v.name, v);
+        }
+        if (views.isEmpty()) {
+            throw new IllegalArgumentException("a Feast layout names no view");
+        }
+    }
+
+    View view(String name) {
+        View v = byName.get(name);
+        if (v == null) {
+            throw new IllegalArgumentException("feature view " + name + " is not in the sink's layout "
+                                               + byName.keySet() + ": was the catalogue applied?");
+        }
+        return v;
+    }
+
+    /** An entity's row: the values of ``views`` (one each, by position) at ``ms``, in RESP. */
+    byte[] commands(String entity, long ms, List<View> rowViews, List<Object> values) {
+        byte[] key = rowViews.get(0).key(entity, project);
+        byte[] ts = timestamp(ms);
+        List<byte[]> hset = new ArrayList<>(2 + 4 * rowViews.size());
+        hset.add(HSET);
+        hset.add(key);
+        long ttl = 0;
+        for (int i = 0; i < rowViews.size(); i++) {
+            View v = rowViews.get(i);
+            hset.add(v.field);
+            hset.add(value(values.get(i), v.type));
+            hset.add(v.tsField);
+            hset.add(ts);
+            ttl = Math.max(ttl, v.ttl);
+        }
+        Bytes out = new Bytes();
+        out.command(hset);
+        if (ttl > 0) {
+            out.command(List.of(EXPIRE, key, Long.toString(ttl).getBytes(StandardCharsets.US_ASCII)));
+        }
+        return out.toByteArray();
+    }
+
+    static int commandsPerRow(List<View> rowViews) {
+        return rowViews.stream().anyMatch(v -> v.ttl > 0) ? 2 : 1;
+    }
+
+    /**
+     * A ValueProto: int64_val (field 4, varint), double_val (5, fixed64) or string_list_val (12,
+     * a StringList of strings in field 1); nothing for null. ``v`` is a Number, or for a list a
+     * List of its elements.
+     */
+    static byte[] value(Object v, char type) {
+        Bytes out = new Bytes();
+        if (v == null) {
+            return out.toByteArray();
+        }
+        if (type == 'i') {
+            out.write(0x20);
+            out.varint(((Number) v).longValue());
+        } else if (type == 'd') {
+            out.write(0x29);
+            long bits = Double.doubleToRawLongBits(((Number) v).doubleValue());
+            for (int i = 0; i < 8; i++) {
+                out.write((int) (bits >>> (8 * i)) & 0xff);
+            }
+        } else {
+            Bytes list = new Bytes();
+            for (Object x : (List<?>) v) {
+                byte[] s = String.valueOf(x).getBytes(StandardCharsets.UTF_8);
+                list.write(0x0a);
+                list.varint(s.length);
+                list.writeBytes(s);
+            }
+            out.write(0x62);
+            out.varint(list.size());
+            out.writeBytes(list.toByteArray());
+        }
+        return out.toByteArray();
+    }
+
+    /** A protobuf Timestamp (seconds: field 1, nanos: field 2; zeros left out, as protobuf does). */
+    static byte[] timestamp(long ms) {
+        Bytes out = new Bytes();
+        long seconds = Math.floorDiv(ms, 1000L);
+        long nanos = Math.floorMod(ms, 1000L) * 1_000_000L;
+        if (seconds != 0) {
+            out.write(0x08);
+            out.varint(seconds);
+        }
+        if (nanos != 0) {
+            out.write(0x10);
+            out.varint(nanos);
+        }
+        return out.toByteArray();
+    }
+
+    /** A byte buffer with the few encodings the layout needs. */
+    static final class Bytes extends ByteArrayOutputStream {
+        void int32(int v) {  // little-endian, as Feast's struct.pack("<I")
+            for (int i = 0; i < 4; i++) {
+                write((v >>> (8 * i)) & 0xff);
+            }
+        }
+
+        void varint(long v) {
+            while ((v & ~0x7fL) != 0) {
+                write((int) ((v & 0x7f) | 0x80));
+                v >>>= 7;
+            }
+            write((int) v);
+        }
+
+        void ascii(String s) {
+            write(s.getBytes(StandardCharsets.US_ASCII), 0, s.length());
+        }
+
+        void command(List<byte[]> args) {
+            ascii("*" + args.size() + "\r\n");
+            for (byte[] a : args) {
+                ascii("$" + a.length + "\r\n");
+                write(a, 0, a.length);
+                ascii("\r\n");
+            }
+        }
+    }
+}
