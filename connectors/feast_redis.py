@@ -93,22 +93,22 @@ class ViewLayout:
         return _redis_key(project, ek, entity_key_serialization_version=KEY_SERIALIZATION_VERSION)
 
 
-_SINK_TYPES = {Int64: "i", Float64: "d", Array(String): "S"}
+_SINK_TYPES = {Int64: "i", Float64: "d", String: "s", Array(String): "S", Array(Float64): "D"}
 
 
-def sink_layout(project: str, views: list[FeatureView]) -> str:
-    """The layout text of streaming/java's Redis sinks (``FeastLayout``): views of one feature
-    each. The key's bytes come from Feast's own serialization of an entity of empty values, so
-    the sinks write what :class:`FeastRedisWriter` writes."""
+def sink_layout(project: str, views: Iterable[FeatureView]) -> str:
+    """The layout text of streaming/java's Redis sinks (``FeastLayout``). The key's bytes come
+    from Feast's own serialization of an entity of empty values, so the sinks write what
+    :class:`FeastRedisWriter` writes."""
     lines = [project.encode().hex()]
     for view in views:
         layout = ViewLayout.of(view)
-        if len(view.features) != 1:
-            raise ValueError(f"the Java Redis sinks write views of one feature; {view.name} has {len(view.features)}")
-        dtype = view.features[0].dtype
-        if dtype not in _SINK_TYPES:
-            raise TypeError(f"{view.name}'s type {dtype} has no encoder in streaming/java's FeastLayout: "
-                            "write it with FeastRedisWriter")
+        features = []
+        for f, (name, field, _) in zip(view.features, layout.fields, strict=True):
+            if f.dtype not in _SINK_TYPES:
+                raise TypeError(f"{view.name}.{name}'s type {f.dtype} has no encoder in streaming/java's FeastLayout: "
+                                "add one there and here")
+            features.append(f"{name.encode().hex()}:{field.hex()}:{_SINK_TYPES[f.dtype]}")
         keys = layout.join_keys
         empty = serialize_entity_key(EntityKey(join_keys=list(keys), entity_values=[ValueProto(string_val="")]
                                                * len(keys)), KEY_SERIALIZATION_VERSION)
@@ -116,8 +116,7 @@ def sink_layout(project: str, views: list[FeatureView]) -> str:
         value_type = int.from_bytes(empty[len(header):len(header) + 4], "little")
         order = sorted(range(len(keys)), key=lambda i: keys[i])
         lines.append("|".join([view.name.encode().hex(), header.hex(), ",".join(map(str, order)), str(value_type),
-                               str(layout.ttl_seconds),
-                               f"{layout.fields[0][1].hex()}:{layout.ts_field.hex()}:{_SINK_TYPES[dtype]}"]))
+                               str(layout.ttl_seconds), layout.ts_field.hex(), ",".join(features)]))
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from connectors.log_epoch import Epoch
 from features.dsl import load
 from freshrec.config import Settings
-from jobs.feature_job import kafka_sink, log, read_events, redis_sink, run, write_rows
+from jobs.feature_job import kafka_sink, log, read_events, run, write_rows
 from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id, feature_log_topic
 from streaming.definitions import EVENT_ROW, attach, attach_compiled, deduplicate
 from streaming.sql import split
@@ -57,12 +57,8 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
         stream.sink_to(kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
     sql_rows = attach_compiled(env, unique, s.features, {d.name for d in compiled}, lateness, s.kafka_bootstrap,
                                feature_log_topic(s), s.dlq_topic) if compiled else []
-    if rows:  # the Python operators only hand their rows on: Java encodes and writes them
-        first, *others = rows
-        (first.union(*others).sink_to(redis_sink(s, [d.name for d in rest], CATALOGUE_JOB_NAME, payload=True))
-         .name("feast").uid("feast"))
-    write_rows(s, [], tuple(finals), tuple(sql_rows), CATALOGUE_JOB_NAME)
-
+    # The Python operators only hand their rows on: Java encodes and writes them.
+    write_rows(s, rows, tuple(finals), tuple(sql_rows), log_rows=False, job=CATALOGUE_JOB_NAME)
 
 AUTOGROUP = Path("/proc/self/autogroup")
 

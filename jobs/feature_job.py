@@ -8,8 +8,9 @@
                                 top neighbours, once per flush tick                (item_covisit)
                   -> key by category shard: per-category trending lists, partial global lists
                      -> one key, a row per shard per 200 ms: the global list       (trending)
-      -> key by shard: buffer, then Redis in Feast's layout in pipelined batches
-      -> every feature row to the feature-log topic (the offline store's input)
+      -> Redis in Feast's layout in pipelined batches, from Java (streaming/java's FeastJsonSink)
+      -> every feature row to the feature-log topic (the offline store's input), as lines
+         written in Java (FeatureLogLine)
     The item operator also hands each event, with the user's and the item's features (both item
     rows) from *before* it, keyed by user to the training-example builders -> the examples topic
     (the trainer's input). The user and item operators also fold the ranking service's
@@ -33,7 +34,6 @@ however heavy it grows, it cannot hold back these views or the training examples
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
@@ -43,7 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyflink.common import Duration, Row, Types, WatermarkStrategy
-from pyflink.common.serialization import SimpleStringSchema
+from pyflink.common.serialization import SerializationSchema, SimpleStringSchema
 from pyflink.datastream import (
     KeyedProcessFunction,
     OutputTag,
@@ -63,7 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.log_epoch import Epoch, EpochWatch
 from connectors.schema import InvalidEvent, dead_letter, validate
-from features.dsl import DEFINED, expand, load_ranking, trending_key
+from features.dsl import load_ranking, trending_key
 from freshrec.config import Settings
 from jobs.topics import (
     JOB_NAME,
@@ -446,85 +446,16 @@ class TrendingMerge(KeyedProcessFunction):
             yield TRENDING_VIEW, "", newest, json.dumps(top)
 
 
-class FeastSink(KeyedProcessFunction):
-    """Buffers feature rows and writes them to Redis in pipelined batches every
-    FRESHREC_SINK_FLUSH_MS. The buffer is keyed state, so a checkpoint holds the rows not yet
-    written and a restored job writes them; a newer row of the same entity replaces a waiting
-    one in Redis. The feature log (the offline store's input) gets every row, unmerged, so
-    point-in-time reads see each value an entity had."""
-
-    REDIS_PATIENCE_S = 60
-
-    def __init__(self, s: Settings) -> None:
-        self.settings = s
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        import redis
-
-        from connectors.feast_redis import FeastRedisWriter
-        from features.registry import all_views
-
-        self.buffer = runtime_context.get_map_state(
-            MapStateDescriptor("buffer", Types.STRING(), Types.PICKLED_BYTE_ARRAY()))
-        self.client = redis.Redis.from_url(self.settings.redis_url)
-        self.writer = FeastRedisWriter(self.client, self.settings.feast_project, all_views(self.settings))
-        self.trending_key = trending_key(self.settings.feast_project)
-        self.ticks = Ticks(self.settings.sink_flush_ms)
-
-    def process_element(self, value: tuple, ctx: KeyedProcessFunction.Context):  # noqa: ANN201
-        view, entity, ts, payload = value
-        self.buffer.put(f"{view}\x00{entity}", value)
-        self.ticks.ensure(ctx, self.shard(entity, self.settings.parallelism))
-        if view != TRENDING_VIEW and not view.startswith(DEFINED):  # catalogue: final rows reach the log apart
-            yield f'{{"view":"{view}","entity":{json.dumps(entity)},"ts":{ts},"values":{payload}}}'
-
-    @staticmethod
-    def shard(entity: str, parallelism: int) -> int:
-        """The buffer a row waits in: a few per subtask, so batches stay large but spread."""
-        return zlib.crc32(entity.encode()) % (4 * parallelism)  # not hash(): keys must survive a restart
-
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):  # noqa: ANN201
-        self.ticks.fired(ctx.get_current_key())
-        rows = [(view, entity, ts, json.loads(payload)) for view, entity, ts, payload in self.buffer.values()]
-        step = self.settings.sink_batch_rows
-        for i in range(0, len(rows), step):
-            self._write(rows[i:i + step])
-        self.buffer.clear()
-        return []
-
-    def _write(self, rows: list[tuple[str, str, int, Any]]) -> None:
-        """Write, retrying with backoff while Redis is away (rows wait; upstream backs up). After
-        REDIS_PATIENCE_S the task fails, and Flink restarts it from the last checkpoint."""
-        down_since = None
-        for attempt in itertools.count():
-            try:
-                features = []
-                for row in rows:
-                    if row[0] == TRENDING_VIEW:
-                        self.client.set(self.trending_key, json.dumps({"ts": row[2], "items": row[3]}))
-                    else:
-                        features.extend((view, row[1], row[2], values) for view, values in expand(row[0], row[3]))
-                self.writer.write(features)
-                if down_since is not None:
-                    log(f"Redis is back after {time.monotonic() - down_since:.1f}s; writing on")
-                return
-            except (OSError, RedisConnectionError, RedisTimeoutError) as exc:  # also "loading" after a restart
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log(f"Redis unreachable at {self.settings.redis_url} ({exc}); {len(rows)} rows wait, "
-                        "retrying with backoff")
-                elif time.monotonic() - down_since > self.REDIS_PATIENCE_S:
-                    raise RuntimeError(f"Redis unreachable at {self.settings.redis_url} for "
-                                       f"{self.REDIS_PATIENCE_S}s: {exc}") from exc
-                time.sleep(min(0.05 * 2**attempt, 2))
+REDIS_PATIENCE_S = 60  # a Redis sink retries this long with backoff, then its task fails and restarts
 
 
-def kafka_sink(s: Settings, topic: str) -> KafkaSink:
+def kafka_sink(s: Settings, topic: str, value_schema: Any = None) -> KafkaSink:
+    """Strings (or what ``value_schema`` serializes) to ``topic``, at least once."""
     return (KafkaSink.builder()
             .set_bootstrap_servers(s.kafka_bootstrap)
             .set_record_serializer(KafkaRecordSerializationSchema.builder()
                                    .set_topic(topic)
-                                   .set_value_serialization_schema(SimpleStringSchema())
+                                   .set_value_serialization_schema(value_schema or SimpleStringSchema())
                                    .build())
             .set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
             .build())
@@ -558,46 +489,63 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
     return events
 
 
-def redis_sink(s: Settings, views: list[str], job: str, payload: bool = False) -> Any:
-    """A Redis sink in streaming/java, writing Feast's layout as :class:`FeastSink` does, with
-    no Python call per row: ``FeastRedisSink`` for Flink SQL's rows (entity, ts, a column per
-    view of ``views``), or with ``payload``, ``FeastJsonSink`` for the catalogue's Python
-    operators' rows (:data:`ROW`, a value per definition in the JSON)."""
-    from pyflink.datastream.connectors.base import Sink
+def _java(name: str, *args: Any) -> Any:
+    """One of streaming/java's classes, made in the gateway's JVM (the jar is in pipeline.jars,
+    or in the cluster's lib/)."""
     from pyflink.java_gateway import get_gateway
+
+    return getattr(get_gateway().jvm.freshrec, name)(*args)
+
+
+def redis_sink(s: Settings, job: str, views: list[str] | None = None) -> Any:
+    """A Redis sink in streaming/java, writing Feast's layout with no Python call per row:
+    ``FeastRedisSink`` for Flink SQL's rows (entity, ts, a column per view of ``views``), or
+    without ``views``, ``FeastJsonSink`` for the Python operators' :data:`ROW` s (built-in views,
+    the trending list, the catalogue operators' rows of a value per definition)."""
+    from pyflink.datastream.connectors.base import Sink
 
     from connectors.feast_redis import sink_layout
     from features.registry import all_views
 
     if not s.redis_url.startswith("redis://"):
-        raise ValueError(f"FRESHREC_REDIS_URL={s.redis_url}: the catalogue job's Redis sinks speak plain TCP; "
+        raise ValueError(f"FRESHREC_REDIS_URL={s.redis_url}: the jobs' Redis sinks speak plain TCP; "
                          "give a redis://[:password@]host:port/db URL")
-    by_name = {v.name: v for v in all_views(s)}
-    layout = sink_layout(s.feast_project, [by_name[v] for v in views])
-    java = get_gateway().jvm.freshrec
-    sink = java.FeastJsonSink if payload else java.FeastRedisSink
-    return Sink(sink(s.redis_url, layout, s.sink_flush_ms, s.sink_batch_rows, FeastSink.REDIS_PATIENCE_S * 1000, job))
+    known = all_views(s)
+    by_name = {v.name: v for v in known}
+    timing = (s.sink_flush_ms, s.sink_batch_rows, REDIS_PATIENCE_S * 1000, job)
+    if views is not None:
+        return Sink(_java("FeastRedisSink", s.redis_url, sink_layout(s.feast_project, [by_name[v] for v in views]),
+                          *timing))
+    return Sink(_java("FeastJsonSink", s.redis_url, sink_layout(s.feast_project, known), *timing, TRENDING_VIEW,
+                      trending_key(s.feast_project)))
 
 
 def write_rows(s: Settings, rows: list[Any], finals: tuple[Any, ...] = (),
-               sql_rows: tuple[tuple[Any, list[str]], ...] = (), job: str = JOB_NAME) -> None:
-    """Feature rows -> Redis in Feast's layout; rows and ``finals`` -> the feature log.
-    ``sql_rows``: per entity kind, rows straight from Flink SQL and their views' names
-    (streaming/definitions.attach_compiled): each to a Java Redis sink (:func:`redis_sink`),
-    chained to the query's last operator."""
-    parallelism = s.parallelism
-    logged = list(finals)
-    if rows:
-        first, *rest = rows
-        logged.append(first.union(*rest)
-                      .key_by(lambda r: FeastSink.shard(r[1], parallelism), key_type=Types.INT())
-                      .process(FeastSink(s), output_type=Types.STRING()).name("feast").uid("feast"))
+               sql_rows: tuple[tuple[Any, list[str]], ...] = (), trending: Any = None, log_rows: bool = True,
+               job: str = JOB_NAME) -> None:
+    """Feature rows (:data:`ROW`) and the ``trending`` lists -> Redis in Feast's layout, from
+    Java (:func:`redis_sink`); with ``log_rows``, the rows to the feature log too, as lines
+    written in Java (``FeatureLogLine``). ``finals``: lines for the feature log. ``sql_rows``:
+    per entity kind, rows straight from Flink SQL and their views' names
+    (streaming/definitions.attach_compiled), each to a sink chained to the query's last operator.
+
+    No key selector: each row comes from a keyed operator, so an entity's rows reach one sink
+    subtask, in order."""
+    written = [*rows, trending] if trending is not None else rows
+    if written:
+        first, *rest = written
+        first.union(*rest).sink_to(redis_sink(s, job)).name("feast").uid("feast")
     for stream, views in sql_rows:
         uid = f"feast_sql_{zlib.crc32(','.join(views).encode()):08x}"  # a kind's definitions; one sink each
-        stream.sink_to(redis_sink(s, views, job)).name("feast_sql").uid(uid)
-    if logged:
-        first, *rest = logged
-        first.union(*rest).sink_to(kafka_sink(s, feature_log_topic(s))).name("feature_log").uid("feature_log")
+        stream.sink_to(redis_sink(s, job, views)).name("feast_sql").uid(uid)
+    topic = feature_log_topic(s)
+    if rows and log_rows:
+        first, *rest = rows
+        (first.union(*rest).sink_to(kafka_sink(s, topic, SerializationSchema(_java("FeatureLogLine"))))
+         .name("feature_log_rows").uid("feature_log_rows"))
+    if finals:
+        first, *rest = finals
+        first.union(*rest).sink_to(kafka_sink(s, topic)).name("feature_log").uid("feature_log")
 
 
 def build(env: Any, s: Settings, epoch: Epoch) -> None:
@@ -621,7 +569,7 @@ def build(env: Any, s: Settings, epoch: Epoch) -> None:
                 .process(LocalTrending(s), output_type=ROW).name("trending_local").uid("trending_local"))
     trending = (partials.key_by(lambda r: r[0], key_type=Types.STRING())
                 .process(TrendingMerge(s), output_type=ROW).name("trending").uid("trending_merge"))
-    write_rows(s, [users, items, items.get_side_output(COVISIT_ROWS), trending])
+    write_rows(s, [users, items, items.get_side_output(COVISIT_ROWS)], trending=trending)
 
 
 def log(message: str, job: str = JOB_NAME) -> None:

@@ -10,24 +10,24 @@ import java.util.List;
 import java.util.Map;
 
 /**
- * Feast's Redis layout for a set of feature views of one feature each: what
- * connectors/feast_redis.py's {@code FeastRedisWriter} writes and Feast's
- * {@code get_online_features} reads.
+ * Feast's Redis layout for a set of feature views: what connectors/feast_redis.py's
+ * {@code FeastRedisWriter} writes and Feast's {@code get_online_features} reads.
  *
- * <p>An entity's row becomes an {@code HSET} of its hash: per view its feature's field (murmur3
- * of {@code view:feature}) holding a serialized {@code ValueProto}, and {@code _ts:view} holding
- * the row's time as a protobuf {@code Timestamp}; then an {@code EXPIRE} with the longest TTL
- * of the row's views (the hash holds all the entity's views).
+ * <p>An entity's row becomes an {@code HSET} of its hash: per view, each feature's field
+ * (murmur3 of {@code view:feature}) holding a serialized {@code ValueProto}, and
+ * {@code _ts:view} holding the row's time as a protobuf {@code Timestamp}; then an
+ * {@code EXPIRE} with the longest TTL of the row's views (the hash holds all the entity's
+ * views).
  *
  * <p>The text, which connectors/feast_redis.py's {@code sink_layout} derives from the views:
- * the project in hex, then a line per view, {@code name|header|order|value type|ttl s|field:ts
- * field:type}, bytes and the name in hex.
+ * the project in hex, then a line per view, {@code name|header|order|value type|ttl s|ts
+ * field|features}, features comma-separated as {@code name:field:type}, bytes and names in hex.
  * <ul>
  *   <li>header: the serialized entity key up to its values (the key count and the join keys);
  *   <li>order: the entity's parts (joined by U+001F, in join-key order) in Feast's sorted order;
  *   <li>value type: the code Feast writes before each string value;
- *   <li>type: {@code i} Int64, {@code d} Float64, {@code S} Array(String). A null value writes
- *       an empty ValueProto: Feast reads None.
+ *   <li>type: {@code i} Int64, {@code d} Float64, {@code s} String, {@code S} Array(String),
+ *       {@code D} Array(Float64). A null value writes an empty ValueProto: Feast reads None.
  * </ul>
  */
 final class FeastLayout implements Serializable {
@@ -37,7 +37,10 @@ final class FeastLayout implements Serializable {
     private static final byte[] HSET = "HSET".getBytes(StandardCharsets.US_ASCII);
     private static final byte[] EXPIRE = "EXPIRE".getBytes(StandardCharsets.US_ASCII);
 
-    /** One view: its entity key's shape and its one feature's fields. */
+    /** One feature of a view: its hash field and its type. */
+    record Feature(String name, byte[] field, char type) implements Serializable { }
+
+    /** One view: its entity key's shape, its timestamp field and its features. */
     static final class View implements Serializable {
         private static final long serialVersionUID = 1L;
         final String name;
@@ -45,17 +48,17 @@ final class FeastLayout implements Serializable {
         final int[] order;
         final int valueType;
         final long ttl;
-        final byte[] field;
         final byte[] tsField;
-        final char type;
+        final List<Feature> features = new ArrayList<>();
+        final Map<String, Feature> byName = new HashMap<>();
 
         View(String line) {
             String[] p = line.split("\\|", -1);
-            if (p.length != 6) {
-                throw new IllegalArgumentException("a Feast layout line has 6 parts, not " + p.length + ": " + line);
+            if (p.length != 7) {
+                throw new IllegalArgumentException("a Feast layout line has 7 parts, not " + p.length + ": " + line);
             }
             HexFormat hex = HexFormat.of();
-            name = new String(hex.parseHex(p[0]), StandardCharsets.UTF_8);
+            name = text(p[0]);
             header = hex.parseHex(p[1]);
             String[] positions = p[2].split(",");
             order = new int[positions.length];
@@ -64,13 +67,17 @@ final class FeastLayout implements Serializable {
             }
             valueType = Integer.parseInt(p[3]);
             ttl = Long.parseLong(p[4]);
-            String[] c = p[5].split(":");
-            field = hex.parseHex(c[0]);
-            tsField = hex.parseHex(c[1]);
-            type = c[2].charAt(0);
-            if ("idS".indexOf(type) < 0) {
-                throw new IllegalArgumentException(name + "'s type " + c[2] + " is none of i (Int64), d (Float64), "
-                                                   + "S (Array(String))");
+            tsField = hex.parseHex(p[5]);
+            for (String f : p[6].split(",")) {
+                String[] c = f.split(":");
+                char type = c[2].charAt(0);
+                if ("idsSD".indexOf(type) < 0) {
+                    throw new IllegalArgumentException(name + "'s type " + c[2] + " is none of i (Int64), d (Float64), "
+                                                       + "s (String), S (Array(String)), D (Array(Float64))");
+                }
+                Feature feature = new Feature(text(c[0]), hex.parseHex(c[1]), type);
+                features.add(feature);
+                byName.put(feature.name(), feature);
             }
         }
 
@@ -92,6 +99,10 @@ final class FeastLayout implements Serializable {
             out.writeBytes(project);
             return out.toByteArray();
         }
+    }
+
+    static String text(String hex) {
+        return new String(HexFormat.of().parseHex(hex), StandardCharsets.UTF_8);
     }
 
     final byte[] project;
@@ -120,21 +131,26 @@ final class FeastLayout implements Serializable {
         return v;
     }
 
-    /** An entity's row: the values of ``views`` (one each, by position) at ``ms``, in RESP. */
-    byte[] commands(String entity, long ms, List<View> rowViews, List<Object> values) {
-        byte[] key = rowViews.get(0).key(entity, project);
+    /** Part of a row: values of some of a view's features (by position). */
+    record Part(View view, List<Feature> features, List<Object> values) { }
+
+    /** An entity's row at ``ms``, in RESP. */
+    byte[] commands(String entity, long ms, List<Part> parts) {
+        byte[] key = parts.get(0).view().key(entity, project);
         byte[] ts = timestamp(ms);
-        List<byte[]> hset = new ArrayList<>(2 + 4 * rowViews.size());
+        List<byte[]> hset = new ArrayList<>();
         hset.add(HSET);
         hset.add(key);
         long ttl = 0;
-        for (int i = 0; i < rowViews.size(); i++) {
-            View v = rowViews.get(i);
-            hset.add(v.field);
-            hset.add(value(values.get(i), v.type));
-            hset.add(v.tsField);
+        for (Part part : parts) {
+            for (int i = 0; i < part.features().size(); i++) {
+                Feature f = part.features().get(i);
+                hset.add(f.field());
+                hset.add(value(part.values().get(i), f.type()));
+            }
+            hset.add(part.view().tsField);
             hset.add(ts);
-            ttl = Math.max(ttl, v.ttl);
+            ttl = Math.max(ttl, part.view().ttl);
         }
         Bytes out = new Bytes();
         out.command(hset);
@@ -144,40 +160,49 @@ final class FeastLayout implements Serializable {
         return out.toByteArray();
     }
 
-    static int commandsPerRow(List<View> rowViews) {
-        return rowViews.stream().anyMatch(v -> v.ttl > 0) ? 2 : 1;
+    static int commandsPerRow(List<Part> parts) {
+        return parts.stream().anyMatch(p -> p.view().ttl > 0) ? 2 : 1;
     }
 
     /**
-     * A ValueProto: int64_val (field 4, varint), double_val (5, fixed64) or string_list_val (12,
-     * a StringList of strings in field 1); nothing for null. ``v`` is a Number, or for a list a
-     * List of its elements.
+     * A ValueProto: int64_val (field 4, varint), double_val (5, fixed64), string_val (2),
+     * string_list_val (12, a StringList: strings in field 1) or double_list_val (15, a
+     * DoubleList: packed doubles in field 1); nothing for null. ``v`` is a Number or a String,
+     * or for a list a List of its elements.
      */
     static byte[] value(Object v, char type) {
         Bytes out = new Bytes();
         if (v == null) {
             return out.toByteArray();
         }
-        if (type == 'i') {
-            out.write(0x20);
-            out.varint(((Number) v).longValue());
-        } else if (type == 'd') {
-            out.write(0x29);
-            long bits = Double.doubleToRawLongBits(((Number) v).doubleValue());
-            for (int i = 0; i < 8; i++) {
-                out.write((int) (bits >>> (8 * i)) & 0xff);
+        switch (type) {
+            case 'i' -> {
+                out.write(0x20);
+                out.varint(((Number) v).longValue());
             }
-        } else {
-            Bytes list = new Bytes();
-            for (Object x : (List<?>) v) {
-                byte[] s = String.valueOf(x).getBytes(StandardCharsets.UTF_8);
-                list.write(0x0a);
-                list.varint(s.length);
-                list.writeBytes(s);
+            case 'd' -> {
+                out.write(0x29);
+                out.fixed64(((Number) v).doubleValue());
             }
-            out.write(0x62);
-            out.varint(list.size());
-            out.writeBytes(list.toByteArray());
+            case 's' -> out.bytes(0x12, String.valueOf(v).getBytes(StandardCharsets.UTF_8));
+            case 'S' -> {
+                Bytes list = new Bytes();
+                for (Object x : (List<?>) v) {
+                    list.bytes(0x0a, String.valueOf(x).getBytes(StandardCharsets.UTF_8));
+                }
+                out.bytes(0x62, list.toByteArray());
+            }
+            default -> {  // 'D'
+                Bytes packed = new Bytes();
+                for (Object x : (List<?>) v) {
+                    packed.fixed64(((Number) x).doubleValue());
+                }
+                Bytes list = new Bytes();
+                if (packed.size() > 0) {  // protobuf leaves an empty packed field out
+                    list.bytes(0x0a, packed.toByteArray());
+                }
+                out.bytes(0x7a, list.toByteArray());
+            }
         }
         return out.toByteArray();
     }
@@ -212,6 +237,20 @@ final class FeastLayout implements Serializable {
                 v >>>= 7;
             }
             write((int) v);
+        }
+
+        void fixed64(double d) {
+            long bits = Double.doubleToRawLongBits(d);
+            for (int i = 0; i < 8; i++) {
+                write((int) (bits >>> (8 * i)) & 0xff);
+            }
+        }
+
+        /** A length-delimited field: its tag, its length, its bytes. */
+        void bytes(int tag, byte[] b) {
+            write(tag);
+            varint(b.length);
+            writeBytes(b);
         }
 
         void ascii(String s) {

@@ -1,6 +1,8 @@
 package freshrec;
 
+import java.io.IOException;
 import java.util.ArrayList;
+import java.util.Collections;
 import java.util.List;
 
 import org.apache.flink.api.connector.sink2.Sink;
@@ -32,21 +34,21 @@ public class FeastRedisSink implements Sink<Row> {
     public SinkWriter<Row> createWriter(WriterInitContext context) {
         FeastLayout parsed = new FeastLayout(layout);
         List<FeastLayout.View> views = parsed.views;
-        int count = FeastLayout.commandsPerRow(views);
         return new RedisBatchWriter<>(settings, context) {
             @Override
-            public void write(Row row, Context c) throws java.io.IOException, InterruptedException {
+            public void write(Row row, Context c) throws IOException, InterruptedException {
                 RowKind kind = row.getKind();
                 if (kind == RowKind.UPDATE_BEFORE || kind == RowKind.DELETE) {
                     return;
                 }
                 String entity = (String) row.getField(0);
-                List<Object> values = new ArrayList<>(views.size());
+                List<FeastLayout.Part> parts = new ArrayList<>(views.size());
                 for (int i = 0; i < views.size(); i++) {
-                    values.add(row.getField(2 + i));
+                    FeastLayout.View v = views.get(i);
+                    parts.add(new FeastLayout.Part(v, v.features, Collections.singletonList(row.getField(2 + i))));
                 }
                 long ms = ((Number) row.getField(1)).longValue();
-                put(entity, new Commands(parsed.commands(entity, ms, views, values), count));
+                put(entity, new Commands(parsed.commands(entity, ms, parts), FeastLayout.commandsPerRow(parts)));
             }
         };
     }
