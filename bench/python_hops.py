@@ -1,12 +1,14 @@
-"""Where the catalogue job's time goes, task by task; writes bench/results/python-hops.json.
+"""Where a job's time goes, task by task; writes bench/results/python-hops.json.
 
-The catalogue job runs over --events simulated events preloaded in a topic (bench/catalogue.py's
-log). Once its source reads, Flink's REST API is sampled every second for --seconds: each task's
-busyTimeMsPerSecond and the records it takes in and sends out per second, summed over subtasks.
-A task's cost per event is its busy time per second over the events the source reads per second.
-A task is a chain of operators: the Python operators of one chain show as one task.
+The catalogue job (or --job feature_job) runs over --events simulated events preloaded in a
+topic (bench/catalogue.py's log). Once its source reads, Flink's REST API is sampled every
+second for --seconds: each task's busyTimeMsPerSecond and the records it takes in and sends
+out per second, summed over subtasks. A task's cost per event is its busy time per second over
+the events the source reads per second. A task is a chain of operators: the Python operators
+of one chain show as one task.
 
     python bench/python_hops.py [--events 40000] [--seconds 30] [--catalogue FILE] [--engine sql]
+                                [--job catalogue_job|feature_job]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=30)
     ap.add_argument("--catalogue", default=str(Path(__file__).resolve().parents[1] / "features" / "catalog.py"))
     ap.add_argument("--engine", default="sql", choices=("sql", "python"))
+    ap.add_argument("--job", default="catalogue_job", choices=("catalogue_job", "feature_job"))
     ap.add_argument("--out", default="bench/results/python-hops.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="freshrec-hops-") as d:
@@ -72,7 +75,7 @@ def main() -> int:
                 for e in simulate(args.events, n_users=500, n_items=2000, n_categories=30, seed=3,
                                   events_per_second=50.0, start_ms=int(time.time() * 1000) - 3_600_000):
                     p.send(e)
-            job = start_job("catalogue_job", s, s.state_dir)
+            job = start_job(args.job, s, s.state_dir)
             deadline = time.monotonic() + 180
             while True:
                 try:
@@ -82,11 +85,15 @@ def main() -> int:
                 if running:
                     break
                 if time.monotonic() > deadline or job.poll() is not None:
-                    raise RuntimeError(f"the catalogue job did not start; see {s.state_dir}/catalogue_job.log")
+                    raise RuntimeError(f"the {args.job} did not start; see {s.state_dir}/{args.job}.log")
                 time.sleep(1)
             jid = running[0]["jid"]
             vertices = get(port, f"/jobs/{jid}")["vertices"]
             time.sleep(10)  # the Python workers and the first checkpoint settle
+            deadline = time.monotonic() + 60  # TaskManagers report metrics every few seconds
+            while (time.monotonic() < deadline
+                   and not all(set(METRICS) <= set(m) for m in sample(port, jid, vertices).values())):
+                time.sleep(1)
             samples, times = [], []
             for _ in range(args.seconds):
                 samples.append(sample(port, jid, vertices))
@@ -111,7 +118,7 @@ def main() -> int:
                       "records_in_per_s": round(rate(v["name"], "numRecordsIn")),
                       "us_per_event": round(busy * 1000 / events_per_s) if events_per_s else None})
     tasks.sort(key=lambda t: -t["busy_ms_per_s"])
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "job": args.job,
               "catalogue": args.catalogue, "engine": args.engine, "events_per_s": round(events_per_s),
               "seconds": args.seconds, "tasks": tasks}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
