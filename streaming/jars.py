@@ -42,9 +42,13 @@ def jar_paths() -> list[Path]:
 JAVA_SOURCES = Path(__file__).resolve().parent / "java"
 
 
+def _java_sources() -> list[Path]:
+    return sorted(JAVA_SOURCES.rglob("*.java"))
+
+
 def functions_jar_path() -> Path:
     """Where streaming/java's jar is, named by the sources' hash: a changed source makes another."""
-    sources = sorted(JAVA_SOURCES.rglob("*.java"))
+    sources = _java_sources()
     digest = hashlib.sha256(b"".join(s.read_bytes() for s in sources)).hexdigest()[:16]
     return cache_dir() / f"freshrec-functions-{digest}.jar"
 
@@ -56,7 +60,7 @@ def functions_jar(quiet: bool = False) -> Path:
         return jar
     import pyflink
 
-    sources = sorted(JAVA_SOURCES.rglob("*.java"))
+    sources = _java_sources()
     javac = shutil.which("javac")
     if javac is None:
         raise JarError("javac not found: freshrec's Flink SQL functions (streaming/java) are compiled at setup; "

@@ -91,7 +91,7 @@ public class FeastJsonSink implements Sink<Tuple4<String, String, Long, String>>
                 if (parts.isEmpty()) {
                     return;
                 }
-                put(key, new Commands(parsed.commands(row.f1, row.f2, parts), FeastLayout.commandsPerRow(parts)));
+                put(key, parsed.commands(row.f1, row.f2, parts));
             }
         };
     }

@@ -134,8 +134,8 @@ final class FeastLayout implements Serializable {
     /** Part of a row: values of some of a view's features (by position). */
     record Part(View view, List<Feature> features, List<Object> values) { }
 
-    /** An entity's row at ``ms``, in RESP. */
-    byte[] commands(String entity, long ms, List<Part> parts) {
+    /** An entity's row at ``ms``, in RESP: an HSET, and an EXPIRE when a view has a TTL. */
+    RedisBatchWriter.Commands commands(String entity, long ms, List<Part> parts) {
         byte[] key = parts.get(0).view().key(entity, project);
         byte[] ts = timestamp(ms);
         List<byte[]> hset = new ArrayList<>();
@@ -157,11 +157,7 @@ final class FeastLayout implements Serializable {
         if (ttl > 0) {
             out.command(List.of(EXPIRE, key, Long.toString(ttl).getBytes(StandardCharsets.US_ASCII)));
         }
-        return out.toByteArray();
-    }
-
-    static int commandsPerRow(List<Part> parts) {
-        return parts.stream().anyMatch(p -> p.view().ttl > 0) ? 2 : 1;
+        return new RedisBatchWriter.Commands(out.toByteArray(), ttl > 0 ? 2 : 1);
     }
 
     /**

@@ -48,7 +48,7 @@ public class FeastRedisSink implements Sink<Row> {
                     parts.add(new FeastLayout.Part(v, v.features, Collections.singletonList(row.getField(2 + i))));
                 }
                 long ms = ((Number) row.getField(1)).longValue();
-                put(entity, new Commands(parsed.commands(entity, ms, parts), FeastLayout.commandsPerRow(parts)));
+                put(entity, parsed.commands(entity, ms, parts));
             }
         };
     }
