@@ -50,8 +50,9 @@ class Settings:
         "CPU niceness (0-19) of the local catalogue job: on shared cores the feature job and the trainer "
         "come first, and the catalogue falls behind while the cores are full; 0 shares them equally"))
     catalogue_engine: str = field(default="sql", metadata=_doc(
-        "how the catalogue job runs counts, sums, means, min and max: sql (Flink's operators) or python "
-        "(every definition on the Python operators, the engine before: a baseline)"))
+        "how the catalogue job runs: sql (counts, sums, means, min and max in Flink's SQL operators, the rest "
+        "on freshrec's Java operators) or python (every definition on the Python operators, the engine before: "
+        "a baseline)"))
     window_seconds: int = field(default=3600, metadata=_doc("window of the recent counts"))
     window_pane_seconds: int = field(default=60, metadata=_doc("the recent-counts window slides in these steps"))
     last_n: int = field(default=20, metadata=_doc("length of the last-viewed-items sequence"))

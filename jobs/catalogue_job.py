@@ -8,12 +8,12 @@
            a GROUP BY entity -> online rows -> Redis in Feast's layout, from Java
            (streaming/java's FeastRedisSink); the stream plan -> final rows to the feature
            log from Java; records behind the watermark -> DLQ)
-         the rest on Python operators (attach: per entity kind and co-visitation definition,
-           keyed state over event-time windows -> online rows and final rows)
+         the rest (distinct counts, last-N lists, co-visitation) on Java operators (attach_java:
+           per entity kind and co-visitation definition, keyed state over event-time windows,
+           streaming/java's Definitions -> online rows and final rows)
       -> their online rows -> Redis in Feast's layout, from Java (streaming/java's FeastJsonSink)
 
-Parsing is the one Python step every event takes; the rest of a compiled definition's path
-is Flink's own operators.
+Parsing is the one Python step: every event takes it, and nothing after it is Python.
 
 A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream and one
 embedded interpreter (its Python sat at ~105% of a core at 300 events/s), so a busy catalogue
@@ -38,26 +38,28 @@ from features.dsl import load
 from freshrec.config import Settings
 from jobs.feature_job import kafka_sink, log, read_events, run, write_rows
 from jobs.topics import CATALOGUE_JOB_NAME, catalogue_job_id, feature_log_topic
-from streaming.definitions import EVENT_ROW, attach, attach_compiled, deduplicate
+from streaming.definitions import EVENT_ROW, attach, attach_compiled, attach_java, deduplicate
 from streaming.sql import split
 
 
 def build(env: Any, s: Settings, epoch: Epoch) -> None:
     """source -> de-duplicate -> the catalogue: compiled definitions in Flink SQL, the rest on
-    the Python operators -> Redis and the feature log."""
+    Java operators -> Redis and the feature log."""
     lateness = s.allowed_lateness_ms
     events = read_events(env, s, epoch, catalogue_job_id(s), source="catalogue_job", report_invalid=False,
                          hold_back_ms=lateness, row_type=EVENT_ROW)
     unique = deduplicate(env, events, lateness + s.out_of_orderness_ms)
     defs = load(s.features)
-    compiled, rest = split(defs, stream=True) if s.catalogue_engine == "sql" else ([], defs)
-    rows, finals, late = attach(unique, s.features, lateness, online=True, names={d.name for d in rest},
-                                settle_ms=0)
+    if s.catalogue_engine == "sql":
+        compiled, rest = split(defs, stream=True)
+        rows, finals, late = attach_java(unique, s.features, lateness, {d.name for d in rest}, settle_ms=0)
+    else:  # the engine before: every definition on the Python operators
+        compiled = []
+        rows, finals, late = attach(unique, s.features, lateness, online=True, settle_ms=0)
     for stream in late:
         stream.sink_to(kafka_sink(s, s.dlq_topic)).name("dlq_catalogue")
     sql_rows = attach_compiled(env, unique, s.features, {d.name for d in compiled}, lateness, s.kafka_bootstrap,
                                feature_log_topic(s), s.dlq_topic) if compiled else []
-    # The Python operators only hand their rows on: Java encodes and writes them.
     write_rows(s, rows, tuple(finals), tuple(sql_rows), log_rows=False, job=CATALOGUE_JOB_NAME)
 
 AUTOGROUP = Path("/proc/self/autogroup")

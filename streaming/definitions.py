@@ -6,12 +6,14 @@
     horizon passes (the watermark minus ``settle_ms``; in batch, the end of input), a final
     row per distinct event time: the rows the offline store keeps.
 
-The catalogue job (jobs/catalogue_job.py) and the backfill (jobs/backfill.py) both call
-:func:`attach`: the same operators over the same implementation (streaming/aggregates.py),
-in streaming or in batch runtime mode. In a stream, :func:`attach_compiled` runs counts, sums,
-means, min and max in Flink SQL instead (streaming/sql.py): a GROUP BY per entity for the
-online values (its aggregate, streaming/java's pane_merge, merges the newest windows' panes),
-and the stream plan for the final rows.
+The backfill (jobs/backfill.py) calls :func:`attach` in batch runtime mode: these Python
+operators over streaming/aggregates.py. The catalogue job runs the same graph in Java,
+:func:`attach_java` (streaming/java's ``Definitions`` and ``CoVisitPairs``, aggregates.py's
+rules ported one for one, held equal to the backfill by tests/test_parity.py), and counts,
+sums, means, min and max in Flink SQL (:func:`attach_compiled`, streaming/sql.py): a GROUP BY
+per entity for the online values (its aggregate, streaming/java's pane_merge, merges the
+newest windows' panes), and the stream plan for the final rows. ``FRESHREC_CATALOGUE_ENGINE=
+python`` runs :func:`attach` in the stream too: the engine before, a baseline.
 
 Why not Flink SQL windows: a SQL window emits once the watermark passes its end and drops
 late rows silently. Apps need a value within a second of each event, and late events within
@@ -31,8 +33,8 @@ from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
 from pyflink.datastream.state import ValueStateDescriptor
 
 from connectors.schema import dead_letter
-from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, item, load
-from streaming.aggregates import EntityState, Plan, Rec
+from features.dsl import DEFINED, KEY_SEPARATOR, CoVisitation, Definition, EntityKind, Feature, LastN, item, load
+from streaming.aggregates import EntityState, Op, Plan, Rec
 from streaming.cached_state import CachedValueState
 from streaming.sql import EVENT_COLUMNS
 from streaming.state import Ev, RecentViews, Spec
@@ -55,6 +57,9 @@ FINAL = OutputTag("final", Types.STRING())
 LATE = OutputTag("late", Types.STRING())
 TIMER_STEP_MS = 5000  # final rows leave in steps of this much event time: one timer per key and step
 BATCH_END = 2**62
+# The GROUP BYs and the Java entity operators hand on an entity's values at most this often:
+# latency against sink rows.
+MINI_BATCH_MS = 100
 
 
 def final_row(view: str, entity: str, ts: int, values: dict[str, Any]) -> str:
@@ -256,6 +261,58 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
     return rows, finals, late
 
 
+
+def _op_plan(d: Feature | CoVisitation) -> dict[str, Any]:
+    """A definition's arithmetic as streaming/java's EntityState reads it (aggregates.py's Op)."""
+    op = Op(d)
+    plan: dict[str, Any] = {"name": d.name, "kind": op.kind, "slide": op.slide_ms, "panes": op.panes,
+                            "behaviors": sorted(op.behaviors) if op.behaviors else None}
+    if isinstance(d, CoVisitation):
+        return {**plan, "top_k": d.top_k}
+    agg = d.aggregation
+    of = getattr(agg, "of", "")
+    plan["of"] = "weights" if isinstance(of, dict) else of
+    if isinstance(of, dict):
+        plan["weights"] = {b: float(w) for b, w in of.items()}
+    if isinstance(agg, LastN):
+        plan["n"] = agg.n
+    return plan
+
+
+def java_plan(defs: list[Definition]) -> str:
+    """The catalogue's operators as streaming/java's Definitions.attach builds them: a group per
+    entity kind and per co-visitation definition, as :func:`attach` wires the Python ones."""
+    by_kind, covisits = plans(defs)
+    groups = [(f"catalogue_{kind}", kind, group, None) for kind, group in by_kind.items()]
+    groups += [(f"catalogue_{d.name}", item, [d], {"gap": int(d.gap.total_seconds() * 1000),
+                                                  "max_views": d.max_views}) for d in covisits]
+    out = []
+    for uid, kind, group, pairs in groups:
+        plan = Plan.of(group)
+        out.append({"uid": uid.replace("catalogue_", "definitions_", 1), "view": DEFINED + uid,
+                    "keys": list(kind.join_keys), "pairs": pairs, "reach": max_window_ms(group),
+                    "ops": [_op_plan(d) for d in group if isinstance(d, Feature | CoVisitation)],
+                    "ratios": [vars(r) for r in plan.ratios], "fingerprints": plan.fingerprints})
+    return json.dumps({"groups": out})
+
+
+def attach_java(events: Any, catalogue: str, lateness_ms: int, names: Collection[str],
+                settle_ms: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """:func:`attach` for a stream, in Java (streaming/java's Definitions and CoVisitPairs, the
+    same rules as streaming/aggregates.py): no Python call per record. Takes de-duplicated
+    :data:`EVENT_ROW` s; returns the online rows (an entity's at most once per
+    :data:`MINI_BATCH_MS`, as the SQL GROUP BYs hand theirs on), the final rows' lines and the
+    DLQ lines."""
+    from pyflink.datastream import DataStream
+    from pyflink.java_gateway import get_gateway
+
+    defs = [d for d in load(catalogue) if d.name in names]
+    if not defs:
+        return [], [], []
+    rows, finals, late = get_gateway().jvm.freshrec.Definitions.attach(events._j_data_stream, java_plan(defs),
+                                                                        settle_ms, lateness_ms, MINI_BATCH_MS)
+    return [DataStream(rows)], [DataStream(finals)], [DataStream(late)]
+
 EVENT_ROW = Types.ROW_NAMED([c for c, _ in EVENT_COLUMNS], [Types.LONG() if t == "BIGINT" else Types.STRING()
                                                              for _, t in EVENT_COLUMNS])
 
@@ -287,7 +344,6 @@ def deduplicate(env: Any, events: Any, dedup_ms: int) -> Any:
     unique = t_env.sql_query(f"SELECT {columns} FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY user_id, event_id "
                              "ORDER BY pt) AS n FROM (SELECT *, PROCTIME() AS pt FROM parsed)) WHERE n = 1")
     return t_env.to_data_stream(unique)
-MINI_BATCH_MS = 100  # the GROUP BYs hand on an entity's values at most this often: latency against sink rows
 
 
 def attach_compiled(env: Any, events: Any, catalogue: str, names: Collection[str], lateness_ms: int,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from connectors.embedded import wait_port_bindable
 from freshrec.config import Settings
-from streaming.jars import pipeline_jars_option
+from streaming.jars import functions_jar, pipeline_jars_option
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,6 +89,17 @@ def environment(settings: Settings, name: str, restore: bool = True, batch: bool
     env = StreamExecutionEnvironment.get_execution_environment(conf)
     env.set_parallelism(settings.parallelism)
     return env
+
+
+def java_gateway():  # noqa: ANN201
+    """PyFlink's gateway JVM as a job's process starts it (it sees this venv), with streaming/java's
+    classes loadable: for tests that call them directly."""
+    os.environ["PYTHONPATH"] = _python_path()
+    from pyflink.java_gateway import get_gateway
+    from pyflink.util.java_utils import add_jars_to_context_class_loader
+
+    add_jars_to_context_class_loader([functions_jar(quiet=True).as_uri()])
+    return get_gateway()
 
 
 def table_environment(batch: bool = False, parallelism: int = 1):  # noqa: ANN201

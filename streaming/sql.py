@@ -11,7 +11,8 @@ slide), so for counts, sums, means, min and max
 
 joined on (entity, pane). A distinct count is a running sum of +1/-1 steps (:class:`_Distinct`),
 the newest n values are LAGs (:class:`_Last`). Co-visitation and filtered last-N lists stay on
-the Python operators (streaming/definitions.py): :func:`split` says which is which.
+the entity operators (streaming/definitions.py; Java in a stream, Python in the backfill):
+:func:`split` says which is which.
 
 A stream needs operators that only append, each row final once the watermark passes it: there
 the earlier panes are a HOP window over pane totals, met by an interval join, and a 1 ms TUMBLE

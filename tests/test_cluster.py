@@ -3,8 +3,8 @@ to a standalone JobManager + TaskManager (streaming/standalone.py, the docker-co
 without docker), its features equal counts computed independently; a second submission
 after a cancel runs in the same TaskManager (flink-python in lib/); and at parallelism 2 it
 writes the features it writes at parallelism 1 (no operator's work sits on one key). So does
-the catalogue job, submitted alone (`--job catalogue_job`), its SQL operators and its Python
-operators alike."""
+the catalogue job, submitted alone (`--job catalogue_job`), its SQL operators and its Java
+entity operators alike."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def catalogue_values(s: Settings, events: list[BehaviorEvent]) -> dict[str, dict
 
 def test_catalogue_job_at_parallelism_two_writes_what_parallelism_one_writes(
         cluster: StandaloneCluster, make_settings: Callable[[str], Settings]) -> None:
-    """The default catalogue, SQL operators and Python operators alike, keyed by entity: two
+    """The default catalogue, SQL operators and Java entity operators alike, keyed by entity: two
     subtasks of each write what one writes, and both have work."""
     wait_until(lambda: taskmanagers(cluster) == 1, 120, "a TaskManager to register")
     cancel_running(cluster)

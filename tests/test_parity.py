@@ -212,9 +212,10 @@ def test_counts_sums_means_min_and_max_stream_in_flink_sql(parity: dict[str, Any
     _online_as_python_engine(parity, compiled, kinds)
 
 
-def test_the_python_operators_values_reach_redis_through_java(parity: dict[str, Any]) -> None:
-    """The distinct count and the last-N list stay on the Python operators, which hand their rows
-    to a Java sink (FeastJsonSink): Int64 and Array(String) values, read back through Feast."""
+def test_the_entity_operators_values_reach_redis(parity: dict[str, Any]) -> None:
+    """The distinct count and the last-N list run on the Java entity operators (Definitions),
+    which hand their rows to a Java sink (FeastJsonSink): Int64 and Array(String) values, read
+    back through Feast, equal the Python engine's."""
     _, rest = split(parity["defs"], stream=True)
     lists = [d for d in rest if d.name in ("t_user_items", "t_user_last")]
     _online_as_python_engine(parity, lists, {d.entity_kind for d in lists})
