@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
@@ -19,14 +20,15 @@ import pytest
 
 from connectors.kafka import EventProducer, consumer
 from connectors.simulator import simulate
-from features.dsl import load
+from features.dsl import load, user
 from features.parity import compare, from_feature_log, from_offline
 from features.store import apply, feature_store
 from freshrec.config import Settings
 from jobs.backfill import BackfillError, backfill, exclusive
-from jobs.topics import feature_log_topic
+from jobs.topics import catalogue_job_id, feature_log_topic
 from streaming.aggregates import EntityState, Plan, Rec
 from streaming.batch import Layout
+from streaming.flink import checkpoint_root, latest_checkpoint
 from streaming.sql import split
 from tests.conftest import JobProcess, wait_until
 
@@ -222,8 +224,12 @@ def test_the_entity_operators_values_reach_redis(parity: dict[str, Any]) -> None
 
 
 def _online_as_python_engine(parity: dict[str, Any], defs: list[Any], kinds: set[Any]) -> None:
-    s: Settings = parity["settings"]
-    unique = list({e["event_id"]: e for e in reversed(parity["events"])}.values())  # the first of each id
+    _online_values_equal(parity["settings"], parity["events"], defs, kinds)
+
+
+def _online_values_equal(s: Settings, events: list[dict[str, Any]], defs: list[Any], kinds: set[Any]) -> None:
+    """Wait until every entity's values in Feast are the Python engine's over ``events``."""
+    unique = list({e["event_id"]: e for e in reversed(events)}.values())  # the first of each id
     store = feature_store(s)
     for kind in kinds:
         plan = Plan.of([d for d in defs if d.entity_kind == kind])
@@ -238,6 +244,44 @@ def _online_as_python_engine(parity: dict[str, Any], defs: list[Any], kinds: set
             want[entity] = st.online(plan)
         wait_until(partial(_online_equals, store, kind.join_keys, want), 60,
                    f"every {kind.name}'s values online, as the Python engine computes them")
+
+
+def test_a_killed_catalogue_job_resumes_its_java_state(make_settings: Any, tmp_path: Path) -> None:
+    """Killed with -9 after a checkpoint, the job restores its entity operators' state (written by
+    streaming/java's EntityStateSerializer) and goes on: distinct counts and last-N lists over
+    events from before and after the kill equal the Python engine's. Lost state would count the
+    second half alone."""
+    # A day's window: the values at the end reach back before the kill.
+    (tmp_path / "resume_features.py").write_text(CATALOGUE.split("\nviews = ")[0] + """
+D = Sliding(size=td(days=1), slide=td(hours=1))
+items = Feature(name="r_user_items", entity=user, aggregation=DistinctCount(of="item_id"), window=D, **meta)
+last = Feature(name="r_user_last", entity=user, aggregation=LastN(of="item_id", n=200), window=D, **meta)
+""")
+    s = make_settings("resume").replace(features=str(tmp_path / "resume_features.py"), allowed_lateness_ms=15_000,
+                                        catalogue_nice=0)
+    apply(s)
+    defs = load(s.features)
+    events = [e for e in _log(300, s.allowed_lateness_ms, seed=5) if not e["event_id"].startswith("end")]
+    first, second = events[:150], events[150:]
+    job = JobProcess(s, catalogue=True)
+    try:
+        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
+            for e in first:
+                p.send(e)
+        _online_values_equal(s, first, defs, {user})
+        root = checkpoint_root(s, catalogue_job_id(s))
+        before = latest_checkpoint(root)
+        wait_until(lambda: job.check_alive() or latest_checkpoint(root) != before, 60,
+                   "a checkpoint after the first half")
+        job.kill(signal.SIGKILL)
+        job = JobProcess(s, catalogue=True)
+        assert "resuming from checkpoint" in job.output()
+        with EventProducer(s.kafka_bootstrap, s.events_topic, s.dlq_topic) as p:
+            for e in second:
+                p.send(e)
+        _online_values_equal(s, events, defs, {user})
+    finally:
+        job.stop()
 
 
 def _online_equals(store: Any, keys: tuple[str, ...], want: dict[tuple[str, ...], dict[str, Any]]) -> bool:

@@ -65,7 +65,7 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
     @Override
     public void open(OpenContext context) throws Exception {
         parsed = new EntityState.Plan(plan);
-        state = getRuntimeContext().getState(new ValueStateDescriptor<>("entity", TypeInformation.of(EntityState.class)));
+        state = getRuntimeContext().getState(new ValueStateDescriptor<>("definitions", new EntityStateSerializer()));
     }
 
     private static void timer(Context ctx, long at) {
