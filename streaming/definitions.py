@@ -261,7 +261,6 @@ def attach(events: Any, catalogue: str, lateness_ms: int, online: bool, files: D
     return rows, finals, late
 
 
-
 def _op_plan(d: Feature | CoVisitation) -> dict[str, Any]:
     """A definition's arithmetic as streaming/java's EntityState reads it (aggregates.py's Op)."""
     op = Op(d)
@@ -283,13 +282,13 @@ def java_plan(defs: list[Definition]) -> str:
     """The catalogue's operators as streaming/java's Definitions.attach builds them: a group per
     entity kind and per co-visitation definition, as :func:`attach` wires the Python ones."""
     by_kind, covisits = plans(defs)
-    groups = [(f"catalogue_{kind}", kind, group, None) for kind, group in by_kind.items()]
-    groups += [(f"catalogue_{d.name}", item, [d], {"gap": int(d.gap.total_seconds() * 1000),
-                                                  "max_views": d.max_views}) for d in covisits]
+    groups = [(str(kind), kind, group, None) for kind, group in by_kind.items()]
+    groups += [(d.name, item, [d], {"gap": int(d.gap.total_seconds() * 1000), "max_views": d.max_views})
+               for d in covisits]
     out = []
-    for uid, kind, group, pairs in groups:
+    for name, kind, group, pairs in groups:  # the Python operators' views, so rows and finals read the same
         plan = Plan.of(group)
-        out.append({"uid": uid.replace("catalogue_", "definitions_", 1), "view": DEFINED + uid,
+        out.append({"uid": f"definitions_{name}", "view": f"{DEFINED}catalogue_{name}",
                     "keys": list(kind.join_keys), "pairs": pairs, "reach": max_window_ms(group),
                     "ops": [_op_plan(d) for d in group if isinstance(d, Feature | CoVisitation)],
                     "ratios": [vars(r) for r in plan.ratios], "fingerprints": plan.fingerprints})
