@@ -159,7 +159,7 @@ public class EntityState implements Serializable {
                 }
                 default: {  // covisit
                     HashMap<String, Long> m = acc == null ? new HashMap<>() : (HashMap<String, Long>) acc;
-                    for (String p : r.other.split(Rec.SEPARATOR, -1)) {
+                    for (String p : r.partners()) {
                         m.merge(p, 1L, Long::sum);
                     }
                     return m;
@@ -429,7 +429,7 @@ public class EntityState implements Serializable {
         for (Op op : plan.ops) {
             Online o = op.kind.equals("covisit") ? online.get(op.name) : null;
             if (o != null && Math.floorDiv(r.ts, op.slide) >= o.first) {
-                for (String p : r.other.split(Rec.SEPARATOR, -1)) {
+                for (String p : r.partners()) {
                     countInto(o.counts, o.top, p, op.topK);
                 }
             }
@@ -519,7 +519,7 @@ public class EntityState implements Serializable {
                             acc = (Long) acc - 1;
                         } else {
                             Map<String, Long> m = (Map<String, Long>) acc;
-                            for (String p : r.other.split(Rec.SEPARATOR, -1)) {
+                            for (String p : r.partners()) {
                                 m.compute(p, (k, n) -> n == 1 ? null : n - 1);
                             }
                         }
@@ -625,7 +625,7 @@ public class EntityState implements Serializable {
                     }
                 }
                 case "covisit" -> {
-                    for (String p : r.other.split(Rec.SEPARATOR, -1)) {
+                    for (String p : r.partners()) {
                         countPair(p);
                     }
                 }

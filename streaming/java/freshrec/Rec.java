@@ -35,6 +35,11 @@ public class Rec implements Comparable<Rec>, Serializable {
         this.other = other;
     }
 
+    /** The co-visit partners a pair record carries (aggregates.py's {@code partners}). */
+    public String[] partners() {
+        return other.split(SEPARATOR, -1);
+    }
+
     /** An event field by its name in the schema (features/dsl.py's STRING_FIELDS). */
     public String field(String name) {
         return switch (name) {
