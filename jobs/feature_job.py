@@ -45,6 +45,7 @@ from typing import Any
 from pyflink.common import Duration, Row, Types, WatermarkStrategy
 from pyflink.common.serialization import SerializationSchema, SimpleStringSchema
 from pyflink.datastream import (
+    DataStream,
     KeyedProcessFunction,
     OutputTag,
     ProcessFunction,
@@ -62,7 +63,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.log_epoch import Epoch, EpochWatch
-from connectors.schema import InvalidEvent, dead_letter, validate
+from connectors.schema import (
+    MAX_EVENT_BYTES,
+    MAX_FUTURE_MS,
+    MAX_ID_LENGTH,
+    MIN_TS_MS,
+    InvalidEvent,
+    dead_letter,
+    validate,
+)
 from features.dsl import load_ranking, trending_key
 from freshrec.config import Settings
 from jobs.topics import (
@@ -464,7 +473,9 @@ def kafka_sink(s: Settings, topic: str, value_schema: Any = None) -> KafkaSink:
 def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "feature_job",
                 report_invalid: bool = True, hold_back_ms: int = 0, row_type: Any = None) -> Any:
     """The source and its parsing: Kafka behavior events -> EVENT tuples in event time (rows of
-    ``row_type``, when given); refused and too-late events to the DLQ topic. ``group``: the
+    ``row_type``, when given); refused and too-late events to the DLQ topic. Events in the wire
+    form are parsed in Java (streaming/java's WireEvents), the rest by :class:`ParseEvents`, the
+    schema's one home in code. ``group``: the
     job's consumer group. ``hold_back_ms``: the watermark trails the out-of-orderness bound by
     this much more, and lateness counts from it (the catalogue job holds back the allowed
     lateness: its operators settle at the watermark)."""
@@ -483,18 +494,29 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
                                                                                    + hold_back_ms))
                   .with_idleness(Duration.of_millis(s.idle_timeout_ms)))
     raw = env.from_source(kafka, watermarks, s.events_topic).uid(f"source-{epoch.id}")
-    parse = ParseEvents(s.allowed_lateness_ms - hold_back_ms, source, report_invalid, rows=row_type is not None)
-    events = raw.process(parse, output_type=row_type or EVENT).name("parse").uid("parse")
-    events.get_side_output(DLQ).sink_to(kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
-    return events
+    lateness = s.allowed_lateness_ms - hold_back_ms
+    parse = ParseEvents(lateness, source, report_invalid, rows=row_type is not None)
+    # The wire form in Java (streaming/java's WireEvents); the rest, and the DLQ's reasons, in Python.
+    java = _java_class("WireEvents")
+    parsed = java.attach(raw._j_data_stream, (row_type or _event_type()).get_java_type_info(), lateness, MIN_TS_MS,
+                         MAX_FUTURE_MS, MAX_EVENT_BYTES, MAX_ID_LENGTH, row_type is None)
+    wire = DataStream(parsed).name("parse_wire").uid("parse_wire")
+    others = DataStream(java.others(parsed)).process(parse, output_type=row_type or EVENT).name("parse").uid("parse")
+    others.get_side_output(DLQ).sink_to(kafka_sink(s, s.dlq_topic)).name("dlq").uid("dlq")
+    return wire.union(others)
+
+
+def _java_class(name: str) -> Any:
+    """One of streaming/java's classes in the gateway's JVM (the jar is in pipeline.jars, or in
+    the cluster's lib/)."""
+    from pyflink.java_gateway import get_gateway
+
+    return getattr(get_gateway().jvm.freshrec, name)
 
 
 def _java(name: str, *args: Any) -> Any:
-    """One of streaming/java's classes, made in the gateway's JVM (the jar is in pipeline.jars,
-    or in the cluster's lib/)."""
-    from pyflink.java_gateway import get_gateway
-
-    return getattr(get_gateway().jvm.freshrec, name)(*args)
+    """An object of one of streaming/java's classes, made in the gateway's JVM."""
+    return _java_class(name)(*args)
 
 
 def redis_sink(s: Settings, job: str, views: list[str] | None = None) -> Any:
