@@ -1,7 +1,8 @@
 """The catalogue job: the analysts' feature definitions over the behavior log.
 
     Kafka behavior-events (the watermark holds back the allowed lateness)
-      -> parse (too-late events -> DLQ; refused events are the feature job's to report)
+      -> parse (the wire form in Java; other forms in Python; too-late events -> DLQ;
+         refused events are the feature job's to report)
       -> drop duplicates (Flink SQL: the first row per user and event id)
       -> the feature catalogue (FRESHREC_FEATURES), split by streaming/sql.split:
          counts, sums, means, min, max and their ratios in Flink SQL (attach_compiled:
@@ -13,7 +14,8 @@
            streaming/java's Definitions -> online rows and final rows)
       -> their online rows -> Redis in Feast's layout, from Java (streaming/java's FeastJsonSink)
 
-Parsing is the one Python step: every event takes it, and nothing after it is Python.
+No Python runs for an event in the wire form (as the project's producers write it): only other
+forms the schema accepts reach the Python parser (read_events).
 
 A job of its own, apart from jobs/feature_job.py: in one job the two shared an upstream and one
 embedded interpreter (its Python sat at ~105% of a core at 300 events/s), so a busy catalogue

@@ -68,8 +68,12 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
         state = getRuntimeContext().getState(new ValueStateDescriptor<>("definitions", new EntityStateSerializer()));
     }
 
-    private static void timer(Context ctx, long at) {
-        ctx.timerService().registerEventTimeTimer(-Math.floorDiv(-at, TIMER_STEP_MS) * TIMER_STEP_MS);
+    private static void timer(Context ctx, EntityState st, long at) {
+        long step = -Math.floorDiv(-at, TIMER_STEP_MS) * TIMER_STEP_MS;
+        if (step != st.settleTimer) {
+            ctx.timerService().registerEventTimeTimer(step);
+            st.settleTimer = step;
+        }
     }
 
     @Override
@@ -89,10 +93,13 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
         // The online row at the next flush: one per entity and flush, however many records came
         // (a busy item takes dozens of co-visit pairs per second).
         st.unsent = true;
+        timer(ctx, st, r.ts + settleMs + 1);  // settled once no event this old can be accepted any more
+        long flush = (Math.floorDiv(ctx.timerService().currentProcessingTime(), flushMs) + 1) * flushMs;
+        if (flush != st.flushTimer) {
+            ctx.timerService().registerProcessingTimeTimer(flush);
+            st.flushTimer = flush;
+        }
         state.update(st);
-        timer(ctx, r.ts + settleMs + 1);  // settled once no event this old can be accepted any more
-        long now = ctx.timerService().currentProcessingTime();
-        ctx.timerService().registerProcessingTimeTimer((Math.floorDiv(now, flushMs) + 1) * flushMs);
     }
 
     private void send(EntityState st, String key, Collector<Tuple4<String, String, Long, String>> out) {
@@ -108,12 +115,14 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
             return;
         }
         if (ctx.timeDomain() == TimeDomain.PROCESSING_TIME) {
+            st.flushTimer = Long.MIN_VALUE;
             if (st.unsent) {
                 send(st, ctx.getCurrentKey(), out);
                 state.update(st);
             }
             return;
         }
+        st.settleTimer = Long.MIN_VALUE;  // whichever fired: the next record registers its own again
         if (st.unsent) {  // before settling, which may drop the panes of the value as of the newest record
             send(st, ctx.getCurrentKey(), out);
         }
@@ -133,7 +142,7 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
         }
         state.update(st);
         if (st.open.isEmpty()) {
-            timer(ctx, st.newest + reachMs + settleMs + 2);
+            timer(ctx, st, st.newest + reachMs + settleMs + 2);
         }
     }
 

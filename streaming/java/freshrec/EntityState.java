@@ -48,6 +48,13 @@ public class EntityState implements Serializable {
      */
     private transient HashMap<String, Window> windows;
     private transient HashMap<String, Online> online;  // co-visits' online totals, kept the same way
+    /**
+     * The operator's last registered event-time and flush timers for this entity, not fired yet
+     * (Long.MIN_VALUE: unknown, as after a restore or a copy): registering one again costs a hash
+     * lookup in Flink's timer queue per record, for nothing.
+     */
+    transient long settleTimer = Long.MIN_VALUE;
+    transient long flushTimer = Long.MIN_VALUE;
 
     /** An entry of a last-N list (and a user's view in CoVisitPairs): ordered by time, then id, then value. */
     public static class Entry implements Comparable<Entry>, Serializable {
@@ -684,23 +691,32 @@ public class EntityState implements Serializable {
         }
     }
 
-    /** One more pair with v, and the top k of the counts kept: counts only grow, so only v can enter or move. */
+    /**
+     * One more pair with v, and the top k of the counts kept: counts only grow, so only v can
+     * enter or move, and only towards the front, past those it now ranks ahead of.
+     */
     static void countInto(Map<String, Long> counts, List<String> top, String v, int k) {
-        counts.merge(v, 1L, Long::sum);
-        Comparator<String> rank = (a, b) -> {
-            int c = Long.compare(counts.get(b), counts.get(a));
-            return c != 0 ? c : a.compareTo(b);
-        };
-        boolean in = top.contains(v);
-        if (in || top.size() < k) {
-            if (!in) {
+        long n = counts.merge(v, 1L, Long::sum);
+        int at = top.indexOf(v);
+        if (at < 0) {
+            if (top.size() < k) {
                 top.add(v);
+            } else if (ahead(v, n, top.get(k - 1), counts.get(top.get(k - 1)))) {
+                top.set(k - 1, v);
+            } else {
+                return;
             }
-            top.sort(rank);
-        } else if (rank.compare(v, top.get(top.size() - 1)) < 0) {
-            top.set(top.size() - 1, v);
-            top.sort(rank);
+            at = top.size() - 1;
         }
+        while (at > 0 && ahead(v, n, top.get(at - 1), counts.get(top.get(at - 1)))) {
+            top.set(at, top.get(at - 1));
+            top.set(--at, v);
+        }
+    }
+
+    /** a (n of it) ranks before b (m of it): more counts, ties by key. */
+    private static boolean ahead(String a, long n, String b, long m) {
+        return n > m || (n == m && a.compareTo(b) < 0);
     }
 
     private static final Comparator<Map.Entry<String, Long>> RANK =
