@@ -6,8 +6,9 @@
       -> one Flink job in batch runtime mode:
            the definitions that compile to SQL (streaming/sql.py): a query per entity kind,
              run by Flink's own operators -> tab-separated rows -> Parquet (streaming/batch.py)
-           the rest: the catalogue's Python operators (streaming/definitions.py, the very ones
-             the streaming job runs), each writing its final rows as Parquet
+           the rest: the Java operators the streaming job runs (streaming/java's Definitions:
+             distinct counts and last-N lists SQL cannot take, co-visitation) -> their final
+             rows' lines -> Parquet
          under offline/<definition>/date=YYYY-MM-DD/ (Feast's FileSources)
       -> a manifest per day once the job is done
     and optionally Feast's materialize of the newest values into the online store.
@@ -188,16 +189,21 @@ def stage(sources: list[Path], fmt: str, lo: int, hi: int, s: Settings, into: Pa
 def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition], tmp: Path,
             compiled_sql: bool = True) -> None:
     """One batch job: the definitions that compile to SQL (streaming/sql.py) in Flink's own
-    operators, the rest in the Python operators the stream runs (all of them there without
-    ``compiled_sql``: the benchmark's baseline)."""
+    operators, the rest in the Java operators the stream runs (streaming/java's Definitions),
+    whose final rows' lines go to files and then to Parquet. Without ``compiled_sql`` every
+    definition runs on the Python operators (streaming/definitions.attach): the engine before,
+    the benchmark's baseline."""
     from pyflink.common import Duration, WatermarkStrategy
+    from pyflink.common.serialization import Encoder
     from pyflink.common.watermark_strategy import TimestampAssigner
-    from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
+    from pyflink.datastream import DataStream
+    from pyflink.datastream.connectors.file_system import FileSink, FileSource, StreamFormat
+    from pyflink.java_gateway import get_gateway
     from pyflink.table import EnvironmentSettings, StreamTableEnvironment
 
     from jobs.feature_job import EVENT
     from streaming import batch, sql
-    from streaming.definitions import attach
+    from streaming.definitions import attach, java_plan
     from streaming.flink import environment
 
     class EventTime(TimestampAssigner):
@@ -206,9 +212,16 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
 
     compiled, rest = sql.split(defs) if compiled_sql else ([], defs)
     env = environment(s, NAME, restore=False, batch=True)
+    out = tmp / "compiled"
+    finals = tmp / "finals"
     if rest:
         source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), str(staged.path)).build()
         lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "staged events")
+    if rest and compiled_sql:  # the stream's Java operators: their final rows' lines to files, no Python per record
+        lines_out = get_gateway().jvm.freshrec.Definitions.finals(lines._j_data_stream, java_plan(rest),
+                                                                 s.allowed_lateness_ms, staged.events)
+        DataStream(lines_out).sink_to(FileSink.for_row_format(str(finals), Encoder.simple_string_encoder()).build())
+    elif rest:
         progress = batch.Progress(staged.events)
         events = (lines.map(lambda line: progress(batch.staged_event(line)), output_type=EVENT).name("events")
                   .assign_timestamps_and_watermarks(  # batch mode sorts each key's records by these
@@ -216,7 +229,6 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
                       .with_timestamp_assigner(EventTime())))
         attach(events, s.features, s.allowed_lateness_ms, online=False, files=files, names={d.name for d in rest})
     queries = sql.queries(compiled)
-    out = tmp / "compiled"
     if queries:
         t_env = StreamTableEnvironment.create(env, EnvironmentSettings.in_batch_mode())
         t_env.execute_sql(sql.table("events", sql.EVENT_COLUMNS, str(staged.path)))  # de-duplicated by stage()
@@ -225,7 +237,7 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
             t_env.execute_sql(sql.table(f"rows_{q.kind.name}", q.columns, str(out / q.kind.name)))
             statements.add_insert_sql(q.insert("events", f"rows_{q.kind.name}"))
         log(f"{len(compiled)} definitions compiled to Flink SQL ({', '.join(q.kind.name for q in queries)}), "
-            f"{len(rest)} on Python operators: running")
+            f"{len(rest)} on {'Java' if compiled_sql else 'Python'} operators: running")
     started = time.monotonic()
     try:
         if queries and not rest:
@@ -242,6 +254,9 @@ def run_job(s: Settings, staged: Staged, files: DayFiles, defs: list[Definition]
     for q in queries:
         rows = batch.write_compiled(out / q.kind.name, q.columns, list(q.kind.join_keys), files, q.lists)
         log(f"{q.kind.name}: {rows:,} rows of the compiled definitions written")
+    if rest and compiled_sql:
+        rows = batch.write_lines(finals, files)
+        log(f"{rows:,} final rows of {', '.join(d.name for d in rest)} written")
 
 
 @dataclass

@@ -172,3 +172,19 @@ def write_compiled(csv_dir: Path, columns: list[tuple[str, str]], keys: list[str
                             f"backfill-{layout.run}-compiled-{csv_dir.name}-{n}", table)
                 written += table.num_rows
     return written
+
+
+def write_lines(folder: Path, layout: DayFiles) -> int:
+    """The Java operators' final rows (streaming/java's Definitions.finals: feature-log lines in
+    files under ``folder``) as each definition's Parquet of the days asked for; returns the
+    lines read."""
+    layout.open("java")
+    n = 0
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        with f.open() as lines:
+            for line in lines:
+                row = json.loads(line)
+                layout.add(row["view"], row["entity"], row["ts"], row["values"])
+                n += 1
+    layout.flush()
+    return n

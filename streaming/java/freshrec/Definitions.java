@@ -3,9 +3,12 @@ package freshrec;
 import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
+import java.util.Locale;
 import java.util.Map;
 
+import org.apache.flink.api.common.eventtime.WatermarkStrategy;
 import org.apache.flink.api.common.functions.OpenContext;
+import org.apache.flink.api.common.functions.RichMapFunction;
 import org.apache.flink.api.common.state.ValueState;
 import org.apache.flink.api.common.state.ValueStateDescriptor;
 import org.apache.flink.api.common.typeinfo.TypeInformation;
@@ -30,6 +33,9 @@ import org.apache.flink.util.OutputTag;
  * the watermark passes a record's time plus
  * {@code settleMs}, a final row per distinct event time (the feature log's line, the offline
  * store's input); a record at or behind the settled horizon goes to the DLQ with the reason.
+ *
+ * <p>With {@code flushMs} 0 (the backfill, in batch mode) there are no online rows: only the final
+ * rows, each key's as its input ends.
  *
  * <p>{@link #attach} wires a whole catalogue: streaming/definitions.py's {@code java_plan}
  * writes the plan, one JSON object: {@code {"groups": [{"uid", "view", "keys", "pairs", "reach",
@@ -92,12 +98,14 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
         }
         // The online row at the next flush: one per entity and flush, however many records came
         // (a busy item takes dozens of co-visit pairs per second).
-        st.unsent = true;
         timer(ctx, st, r.ts + settleMs + 1);  // settled once no event this old can be accepted any more
-        long flush = (Math.floorDiv(ctx.timerService().currentProcessingTime(), flushMs) + 1) * flushMs;
-        if (flush != st.flushTimer) {
-            ctx.timerService().registerProcessingTimeTimer(flush);
-            st.flushTimer = flush;
+        if (flushMs > 0) {
+            st.unsent = true;
+            long flush = (Math.floorDiv(ctx.timerService().currentProcessingTime(), flushMs) + 1) * flushMs;
+            if (flush != st.flushTimer) {
+                ctx.timerService().registerProcessingTimeTimer(flush);
+                st.flushTimer = flush;
+            }
         }
         state.update(st);
     }
@@ -195,7 +203,6 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
     public static List<DataStream<?>> attach(DataStream<Row> events, String plan, long settleMs, long lateness,
                                              long flushMs)
             throws JsonProcessingException {
-        JsonNode groups = JSON.readTree(plan).get("groups");
         DataStream<Rec> recs = events
                 .map(e -> {
                     Object category = e.getField(5);
@@ -204,6 +211,59 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
                                    category == null ? "" : (String) category, "");
                 })
                 .returns(TypeInformation.of(Rec.class)).name("definition_records").uid("definition_records");
+        return wire(recs, plan, settleMs, lateness, flushMs);
+    }
+
+    /**
+     * The plan's final rows' lines over the backfill's staged events (tab-separated: event id,
+     * user, item, behavior, ts, category), for a job in batch mode: each key's records come
+     * sorted by time, and its timers fire, in order, as its input ends.
+     */
+    public static DataStream<String> finals(DataStream<String> staged, String plan, long lateness, long total)
+            throws JsonProcessingException {
+        DataStream<Rec> recs = staged
+                .map(new Staged(total))
+                .returns(TypeInformation.of(Rec.class)).name("definition_records")
+                .assignTimestampsAndWatermarks(WatermarkStrategy.<Rec>noWatermarks()
+                        .withTimestampAssigner((r, previous) -> r.ts));  // batch mode sorts each key's by these
+        return (DataStream<String>) wire(recs, plan, 0, lateness, 0).get(1);
+    }
+
+    /** A staged line as a record, and how far the job is, every few seconds (batch.Progress's lines). */
+    static final class Staged extends RichMapFunction<String, Rec> {
+        private static final long serialVersionUID = 1L;
+        private final long total;
+        private transient long n;
+        private transient long started;
+        private transient long shown;
+
+        Staged(long total) {
+            this.total = total;
+        }
+
+        @Override
+        public Rec map(String line) {
+            String[] f = line.split("\t", -1);
+            long now = System.nanoTime();
+            if (n++ == 0) {
+                started = shown = now;
+            } else if ((n % 10_000 == 0 && now - shown > 3_000_000_000L) || n == total) {
+                shown = now;
+                int of = getRuntimeContext().getTaskInfo().getNumberOfParallelSubtasks();
+                long mine = total / of;  // the file's splits are about equal
+                System.out.printf(Locale.ROOT, "[backfill] features: %,d/%,d events (%d%%), %,.0f events/s%s%n", n, mine,
+                                  100 * n / Math.max(mine, 1), n / ((now - started) / 1e9),
+                                  of > 1 ? " in subtask " + (getRuntimeContext().getTaskInfo().getIndexOfThisSubtask()
+                                                             + 1) + " of " + of : "");
+                System.out.flush();
+            }
+            return new Rec(Long.parseLong(f[4]), f[0], f[3], f[1], f[2], f[5], "");
+        }
+    }
+
+    private static List<DataStream<?>> wire(DataStream<Rec> recs, String plan, long settleMs, long lateness,
+                                            long flushMs) throws JsonProcessingException {
+        JsonNode groups = JSON.readTree(plan).get("groups");
         List<DataStream<Tuple4<String, String, Long, String>>> rows = new ArrayList<>();
         List<DataStream<String>> finals = new ArrayList<>();
         List<DataStream<String>> late = new ArrayList<>();
