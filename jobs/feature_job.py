@@ -475,10 +475,9 @@ def read_events(env: Any, s: Settings, epoch: Epoch, group: str, source: str = "
     """The source and its parsing: Kafka behavior events -> EVENT tuples in event time (rows of
     ``row_type``, when given); refused and too-late events to the DLQ topic. Events in the wire
     form are parsed in Java (streaming/java's WireEvents), the rest by :class:`ParseEvents`, the
-    schema's one home in code. ``group``: the
-    job's consumer group. ``hold_back_ms``: the watermark trails the out-of-orderness bound by
-    this much more, and lateness counts from it (the catalogue job holds back the allowed
-    lateness: its operators settle at the watermark)."""
+    schema's one home in code. ``group``: the job's consumer group. ``hold_back_ms``: the
+    watermark trails the out-of-orderness bound by this much more, and lateness counts from it
+    (the catalogue job holds back the allowed lateness: its operators settle at the watermark)."""
     kafka = (KafkaSource.builder()
              .set_bootstrap_servers(s.kafka_bootstrap)
              .set_topics(s.events_topic)
