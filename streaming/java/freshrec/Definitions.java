@@ -96,10 +96,10 @@ public class Definitions extends KeyedProcessFunction<String, Rec, Tuple4<String
                     + st.horizon + "); FRESHREC_ALLOWED_LATENESS_MS bounds lateness"));
             return;
         }
-        // The online row at the next flush: one per entity and flush, however many records came
-        // (a busy item takes dozens of co-visit pairs per second).
         timer(ctx, st, r.ts + settleMs + 1);  // settled once no event this old can be accepted any more
         if (flushMs > 0) {
+            // The online row at the next flush: one per entity and flush, however many records came
+            // (a busy item takes dozens of co-visit pairs per second).
             st.unsent = true;
             long flush = (Math.floorDiv(ctx.timerService().currentProcessingTime(), flushMs) + 1) * flushMs;
             if (flush != st.flushTimer) {
