@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,13 +20,16 @@ from typing import Any
 
 import pytest
 import redis
+from kafka import TopicPartition
 
 from connectors.feast_redis import FeastRedisReader
+from connectors.kafka import consumer
 from connectors.schema import BehaviorEvent
 from features.definitions import FEATURE_VIEWS
 from features.dsl import load, trending_key
 from features.store import feature_store
 from freshrec.config import Settings
+from jobs.topics import examples_topic, feature_log_topic
 from streaming.standalone import StandaloneCluster, start_standalone_cluster
 from streaming.state import Spec
 from tests.conftest import wait_until
@@ -84,6 +88,7 @@ def test_job_runs_unchanged_on_a_cluster(cluster: StandaloneCluster,
     # cancelled and submitted again: the second job in the same TaskManager resumes from the
     # retained checkpoint and carries on
     wait_until(lambda: list((s.state_dir / "checkpoints").glob("*/*/chk-*/_metadata")), 60, "a checkpoint")
+    sinks_settled(s)
     rest(cluster, f"/jobs/{job}?mode=cancel", "PATCH")
     wait_until(lambda: rest(cluster, f"/jobs/{job}")["state"] == "CANCELED", 60, "the cancel")
     submit(cluster, s)
@@ -93,6 +98,29 @@ def test_job_runs_unchanged_on_a_cluster(cluster: StandaloneCluster,
     want2 = [user_features(second, u, Spec.of(s))["views"] for u in users2]
     wait_until(lambda: [(r or {}).get("views") for r in reader.read([("user_recent", u) for u in users2])] == want2,
                90, "the resubmitted job's features")
+
+
+def sinks_settled(s: Settings, quiet_s: float = 1.5) -> None:
+    """Wait until the feature job's Kafka topics stop growing for ``quiet_s``. A cancel while
+    its Kafka sinks have sends in flight can take the TaskManager down: the Kafka connector's
+    writer (2.0, on Flink 2.3) fails in its cleanup ("Producer is closed forcefully"), and Flink
+    treats that as fatal. Seen once in a CI replica; this test is about resuming, not that."""
+    c = consumer(s.kafka_bootstrap)
+    try:
+        parts = [TopicPartition(t, p) for t in (examples_topic(s), feature_log_topic(s), s.dlq_topic)
+                 for p in c.partitions_for_topic(t) or ()]
+        last, since = None, time.monotonic()
+
+        def quiet() -> bool:
+            nonlocal last, since
+            now = c.end_offsets(parts)
+            if now != last:
+                last, since = now, time.monotonic()
+            return time.monotonic() - since >= quiet_s
+
+        wait_until(quiet, 60, "the job's Kafka topics to stop growing")
+    finally:
+        c.close()
 
 
 def cancel_running(c: StandaloneCluster) -> None:
